@@ -1,0 +1,260 @@
+"""Context-parallel attention: Ulysses, Ring and both, from functional collectives.
+
+Every rank holds a contiguous chunk of the sequence (``torch.tensor_split`` over the flattened
+(ring, ulysses) group). Ulysses trades sequence for heads with one all-to-all; Ring then passes
+key/value blocks around the ring group while the current block computes, and merges the partial
+outputs with their log-sum-exp in fp32. Uneven chunks are padded for transport and sliced after
+receipt: every rank knows every chunk length, so no masking of padding is needed.
+
+The collectives are ``torch.ops._c10d_functional`` ops (through ``torch.distributed._functional_collectives``)
+so that Inductor sees them and can overlap them with compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+from .mesh import MeshInfo, chunk_sizes, traceable_mesh_info
+
+aten = torch.ops.aten
+
+
+def context_parallel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    mesh: DeviceMesh | None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    kv_replicated: bool = False,
+    query_len: int | None = None,
+    kv_len: int | None = None,
+) -> torch.Tensor:
+    """This rank's shard of ``scaled_dot_product_attention`` over the whole sequence.
+
+    ``query``/``key``/``value`` are ``[B, H, S_local, D]`` shards, split like
+    ``torch.tensor_split(x, seq_world, dim=2)`` (and over dim 0 by the mesh's batch dim).
+    ``kv_replicated=True``: key/value are the full sequence on every rank (no communication).
+    ``attn_mask``: boolean key padding mask ``[B, S_kv_global]``, True = attend.
+    ``query_len``/``kv_len``: the global lengths. A rank cannot infer them from its own chunk, so
+    when they are not given (and ``attn_mask`` does not tell ``kv_len``) the ranks exchange them:
+    eagerly on every call, or once when torch.compile traces the call. Pass them when a compiled
+    caller changes lengths between calls, so every rank's graph agrees on them.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError("context_parallel_attention expects [B, H, S, D] query, key and value")
+    if key.shape != value.shape[:-1] + key.shape[-1:] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"incompatible shapes: query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    info = None if mesh is None else traceable_mesh_info(mesh)
+    if attn_mask is not None:
+        attn_mask = _local_batch_mask(attn_mask, query.shape[0], info)
+    if info is None or info.seq == 1 or kv_replicated:
+        return local_attention(query, key, value, attn_mask, scale)
+    if kv_len is None and attn_mask is not None:
+        kv_len = attn_mask.shape[-1]
+    if query_len is None or kv_len is None:
+        q_global, kv_global = _exchange_lengths(info.seq_group, query.shape[2], key.shape[2])
+        query_len = query_len if query_len is not None else q_global
+        kv_len = kv_len if kv_len is not None else kv_global
+    return sharded_attention(
+        query, key, value, info, query_len=query_len, kv_len=kv_len, key_mask=attn_mask, scale=scale
+    )
+
+
+def _local_batch_mask(mask: torch.Tensor, local_batch: int, info: MeshInfo | None) -> torch.Tensor:
+    """The rows of a global ``[B, S_kv]`` key mask that belong to this rank's batch chunk."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be a boolean [B, S_kv] key padding mask, got {mask.dtype} {tuple(mask.shape)}")
+    if mask.shape[0] in (1, local_batch) or info is None or info.batch == 1:
+        return mask
+    return torch.tensor_split(mask, info.batch, dim=0)[info.batch_rank]
+
+
+def _exchange_lengths(group: str, q_local: int, kv_local: int) -> tuple[int, int]:
+    if torch.compiler.is_compiling():
+        return _exchange_lengths_at_trace_time(group, q_local, kv_local)
+    return _all_gather_lengths(group, q_local, kv_local)
+
+
+def _all_gather_lengths(group: str, q_local: int, kv_local: int) -> tuple[int, int]:
+    """Global (query, key/value) lengths: the sum of every sequence rank's chunk."""
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    device = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+    local = torch.tensor([q_local, kv_local], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(gathered, local, group=pg)
+    total = torch.stack(gathered).sum(0).tolist()
+    return int(total[0]), int(total[1])
+
+
+_exchange_lengths_at_trace_time = torch._dynamo.assume_constant_result(_all_gather_lengths)
+
+
+def local_attention(q, k, v, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Plain attention of local query against full key/value (cross-attention, world size 1)."""
+    if q.shape[-2] == 0:  # fewer tokens than ranks; kernels reject empty queries
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def sharded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    info: MeshInfo,
+    *,
+    query_len: int,
+    kv_len: int,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Ulysses over the "ulysses" dim, then Ring over the "ring" dim; lengths are global and static."""
+    heads = q.shape[1]
+    q_lens = chunk_sizes(query_len, info.seq)
+    kv_lens = chunk_sizes(kv_len, info.seq)
+    _check_local_length("query", q, q_lens[info.seq_rank], query_len)
+    _check_local_length("key", k, kv_lens[info.seq_rank], kv_len)
+    ring_kv_lens = _group_lengths(kv_lens, info)
+    kv = torch.stack([k, v])  # one transport for both
+    mine = slice(info.ring_rank * info.ulysses, (info.ring_rank + 1) * info.ulysses)
+    if info.ulysses > 1:
+        q = _sequence_to_heads(q, q_lens[mine], info)
+        kv = _sequence_to_heads(kv, kv_lens[mine], info)
+    kv_offsets = [0]
+    for n in ring_kv_lens:
+        kv_offsets.append(kv_offsets[-1] + n)
+    out = _ring_attention(q, kv, info, ring_kv_lens, kv_offsets, key_mask, scale)
+    if info.ulysses > 1:
+        out = _heads_to_sequence(out, q_lens[mine], heads, info)
+    return out
+
+
+def _check_local_length(name: str, x: torch.Tensor, expected: int, total: int) -> None:
+    if x.shape[2] != expected:
+        raise ValueError(
+            f"context_parallel_attention: this rank's {name} chunk has {x.shape[2]} tokens, but "
+            f"torch.tensor_split of {total} tokens gives it {expected}"
+        )
+
+
+def _group_lengths(lens: list[int], info: MeshInfo) -> list[int]:
+    """Tokens held by each ring group (the union of its Ulysses ranks' chunks)."""
+    return [sum(lens[r * info.ulysses : (r + 1) * info.ulysses]) for r in range(info.ring)]
+
+
+def _sequence_to_heads(x: torch.Tensor, lens: list[int], info: MeshInfo) -> torch.Tensor:
+    """``[..., H, L_mine, D]`` -> ``[..., ceil(H/U), sum(lens), D]``: all Ulysses ranks' tokens, my heads."""
+    u = info.ulysses
+    *lead, heads, _, dim = x.shape
+    padded_heads = -(-heads // u) * u
+    longest = max(lens)
+    x = _pad_dim(_pad_dim(x, -3, padded_heads), -2, longest)
+    x = x.reshape(*lead, u, padded_heads // u, longest, dim)
+    x = x.movedim(len(lead), 0).contiguous()  # [U (destination), ..., H/U, T, D]
+    x = funcol.all_to_all_single(x, None, None, info.ulysses_group)  # [U (source), ...]
+    pieces = [x[src, ..., : lens[src], :] for src in range(u)]
+    return torch.cat(pieces, dim=-2)
+
+
+def _heads_to_sequence(x: torch.Tensor, lens: list[int], heads: int, info: MeshInfo) -> torch.Tensor:
+    """Inverse of :func:`_sequence_to_heads`: ``[B, ceil(H/U), sum(lens), D]`` -> ``[B, H, L_mine, D]``."""
+    u = info.ulysses
+    longest = max(lens)
+    pieces = torch.split(x, lens, dim=-2)
+    x = torch.stack([_pad_dim(p, -2, longest) for p in pieces])  # [U (destination), B, H/U, T, D]
+    x = funcol.all_to_all_single(x, None, None, info.ulysses_group)  # [U (head chunk), B, H/U, T, D]
+    batch, dim = x.shape[1], x.shape[-1]
+    x = x.movedim(0, 1).reshape(batch, -1, longest, dim)
+    return x[:, :heads, : lens[info.ulysses_rank]]
+
+
+def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    extra = size - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (-dim - 1) + [0, extra]
+    return torch.nn.functional.pad(x, pad)
+
+
+def _ring_attention(q, kv, info: MeshInfo, lens: list[int], offsets: list[int], key_mask, scale):
+    """Attend to every ring group's key/value block, passing blocks on while the current one computes."""
+    r = info.ring
+    longest = max(lens)
+    if r > 1:
+        kv = _pad_dim(kv, -2, longest)
+    out = lse = None
+    if q.shape[-2] == 0:  # this rank holds no query token (fewer tokens than ranks); kernels reject empty queries
+        lens = [0] * r
+    for step in range(r):
+        source = (info.ring_rank - step) % r
+        if step + 1 < r:
+            next_kv = _pass_to_next(kv, info)
+        if lens[source]:
+            block = kv[..., : lens[source], :] if r > 1 else kv
+            mask = None if key_mask is None else key_mask[:, offsets[source] : offsets[source] + lens[source]]
+            block_out, block_lse = attention_with_lse(q, block[0], block[1], mask, scale)
+            out, lse = _merge(out, lse, block_out, block_lse)
+        if step + 1 < r:
+            kv = next_kv
+    if out is None:  # no query here, or no key anywhere
+        return torch.zeros_like(q)
+    return out.to(q.dtype)
+
+
+def _pass_to_next(x: torch.Tensor, info: MeshInfo) -> torch.Tensor:
+    """Send ``x`` to the next ring rank and receive the previous one's (an all-to-all with one non-empty split)."""
+    r, me = info.ring, info.ring_rank
+    flat = x.reshape(-1)
+    send = [0] * r
+    recv = [0] * r
+    send[(me + 1) % r] = flat.numel()
+    recv[(me - 1) % r] = flat.numel()
+    return funcol.all_to_all_single(flat, recv, send, info.ring_group).view(x.shape)
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Combine two softmax-normalised partial results by their log-sum-exp, in fp32."""
+    block_out = block_out.float()
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    base = new_lse.masked_fill(new_lse == float("-inf"), 0.0)
+    out = out * torch.exp(lse - base).unsqueeze(-1) + block_out * torch.exp(block_lse - base).unsqueeze(-1)
+    return out, new_lse
+
+
+def attention_with_lse(q, k, v, key_mask: torch.Tensor | None, scale: float):
+    """``(out, lse)`` of SDPA, lse as fp32 ``[B, H, L]``; rows whose keys are all masked get lse = -inf, out = 0."""
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
+        bias = bias[:, None, None, :]
+    if q.device.type == "cuda":
+        out, lse = _cuda_attention_with_lse(q, k, v, bias, scale)
+    else:
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    lse = lse.float()
+    if key_mask is not None:
+        attended = key_mask.any(-1)[:, None, None]
+        lse = lse.masked_fill(~attended, float("-inf"))
+        out = out.masked_fill(~attended[..., None], 0.0)
+    return out, lse
+
+
+def _cuda_attention_with_lse(q, k, v, bias, scale):
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        return out, lse
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]

@@ -1,0 +1,117 @@
+"""context_parallel_attention on every 2- and 4-rank mesh, against full SDPA on one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import para_fx
+from para_fx.launch import run_ranks
+
+# (query tokens, key/value tokens, heads, key mask, replicated key/value)
+CASES = [
+    (37, 53, 3, False, False),
+    (32, 32, 4, False, False),
+    (37, 53, 5, True, False),
+    (16, 23, 6, True, False),
+    (37, 53, 3, False, True),
+    (29, 11, 2, True, True),
+    (3, 2, 2, False, False),  # fewer tokens than ranks: some chunks are empty
+]
+MESHES = {2: [(1, 1, 2), (1, 2, 1), (2, 1, 1)], 4: [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]}
+
+
+def make_inputs(sq, skv, heads, masked, batch, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, sq, dim, generator=g)
+    k = torch.randn(batch, heads, skv, dim, generator=g)
+    v = torch.randn(batch, heads, skv, dim, generator=g)
+    mask = None
+    if masked:  # a different number of padding keys per sample, never all of them
+        keep = torch.tensor([skv - 1 - (3 * b) % skv for b in range(batch)]).clamp(min=1)
+        mask = torch.arange(skv)[None, :] < keep[:, None]
+    return q, k, v, mask
+
+
+def reference(q, k, v, mask, scale=None):
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def shard(x, mesh_shape, coords, seq_dim=2):
+    batch, ring, ulysses = mesh_shape
+    b, r, u = coords
+    x = torch.tensor_split(x, batch, dim=0)[b]
+    return torch.tensor_split(x, ring * ulysses, dim=seq_dim)[r * ulysses + u]
+
+
+def attention_errors(mesh_shape, cases, compiler=None):
+    """On one rank: the max abs error of each case against this rank's shard of full SDPA."""
+    mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
+    coords = tuple(mesh.get_local_rank(d) for d in ("batch", "ring", "ulysses"))
+    attend = para_fx.context_parallel_attention
+    if compiler is not None:
+        attend = torch.compile(attend, backend=compiler, fullgraph=True)
+    errors = []
+    for sq, skv, heads, masked, replicated in cases:
+        batch = max(2, mesh_shape[0])
+        q, k, v, mask = make_inputs(sq, skv, heads, masked, batch)
+        expected = shard(reference(q, k, v, mask), mesh_shape, coords)
+        kv_shard = (lambda t: torch.tensor_split(t, mesh_shape[0], 0)[coords[0]]) if replicated else (
+            lambda t: shard(t, mesh_shape, coords)
+        )
+        out = attend(
+            shard(q, mesh_shape, coords), kv_shard(k), kv_shard(v),
+            mesh=mesh, attn_mask=mask, kv_replicated=replicated,
+        )
+        assert out.shape == expected.shape, (out.shape, expected.shape)
+        errors.append((out - expected).abs().max().item() if out.numel() else 0.0)
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_mesh_matches_full_sdpa(world):
+    for mesh_shape in MESHES[world]:
+        per_rank = run_ranks(attention_errors, world, mesh_shape, CASES)
+        for rank, errors in enumerate(per_rank):
+            for case, err in zip(CASES, errors):
+                assert err <= 1e-5, f"mesh {mesh_shape} rank {rank} case {case}: max abs error {err}"
+
+
+def explicit_lengths_and_scale():
+    mesh = para_fx.init_mesh(ring=2, ulysses=1)
+    q, k, v, _ = make_inputs(21, 30, 2, False, 1)
+    rank = dist.get_rank()
+    out = para_fx.context_parallel_attention(
+        torch.tensor_split(q, 2, 2)[rank], torch.tensor_split(k, 2, 2)[rank], torch.tensor_split(v, 2, 2)[rank],
+        mesh=mesh, scale=0.3, query_len=21, kv_len=30,
+    )
+    return (out - torch.tensor_split(reference(q, k, v, None, scale=0.3), 2, 2)[rank]).abs().max().item()
+
+
+def test_explicit_lengths_and_scale():
+    assert max(run_ranks(explicit_lengths_and_scale, 2)) <= 1e-5
+
+
+def wrong_chunk_raises():
+    mesh = para_fx.init_mesh()
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="tensor_split"):
+        para_fx.context_parallel_attention(q, q, q, mesh=mesh, query_len=12, kv_len=12)
+    return True
+
+
+def test_wrong_chunk_length_is_an_error():
+    assert all(run_ranks(wrong_chunk_raises, 2))
+
+
+def test_inductor_fullgraph_hybrid_mesh():
+    cases = [(37, 53, 3, True, False), (37, 53, 3, False, True)]
+    for rank, errors in enumerate(run_ranks(attention_errors, 4, (1, 2, 2), cases, "inductor")):
+        assert max(errors) <= 1e-5, f"rank {rank}: {errors}"
+
+
+def test_no_mesh_is_plain_sdpa():
+    q, k, v, mask = make_inputs(7, 9, 2, True, 2)
+    out = para_fx.context_parallel_attention(q, k, v, mesh=None, attn_mask=mask)
+    torch.testing.assert_close(out, reference(q, k, v, mask))
