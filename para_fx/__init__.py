@@ -1,6 +1,9 @@
 """para-fx: context parallelism and First Block Cache for diffusion transformers, in the compiler."""
 
 from .attention import context_parallel_attention
+from .backend import backend, para, register_para_backend
 from .mesh import init_mesh
 
-__all__ = ["context_parallel_attention", "init_mesh"]
+register_para_backend()
+
+__all__ = ["backend", "context_parallel_attention", "init_mesh"]

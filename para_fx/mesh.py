@@ -46,10 +46,13 @@ def init_mesh(
     seq = world // batch
     if ulysses is None and ring is None:
         ulysses, ring = seq, 1
-    elif ulysses is None:
-        ulysses = seq // ring if seq % ring == 0 else 0
-    elif ring is None:
-        ring = seq // ulysses if seq % ulysses == 0 else 0
+    elif ulysses is None or ring is None:
+        name, given = ("ring", ring) if ulysses is None else ("ulysses", ulysses)
+        if seq % given:
+            raise ValueError(
+                f"init_mesh: {name}={given} does not divide the world size {world} / batch {batch} = {seq}"
+            )
+        ulysses, ring = (seq // ring, ring) if ulysses is None else (ulysses, seq // ulysses)
     if batch * ring * ulysses != world:
         raise ValueError(
             f"init_mesh: batch={batch} x ring={ring} x ulysses={ulysses} must multiply to the "

@@ -1,0 +1,141 @@
+"""The ``para`` Dynamo backend: capture to aten, run the passes, hand the result to an inner compiler.
+
+``torch.compile(model, backend="para")`` uses :func:`para`: the whole world as one Ulysses group
+when torch.distributed is initialised, a single device otherwise. ``para_fx.backend(...)``
+builds a configured one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+
+from .capture import capture_aten
+from .mesh import init_mesh, mesh_info
+
+log = logging.getLogger("para_fx")
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a para backend was asked to do."""
+
+    mesh: DeviceMesh | None = None
+    cache: Any = None  # a para_fx.FirstBlockCache, or None
+    compiler: str = "inductor"
+
+
+class ParaBackend:
+    """A Dynamo backend: ``(GraphModule, example_inputs) -> callable``."""
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return compile_graph(gm, list(example_inputs), self.options)
+
+    def __repr__(self) -> str:
+        return f"para_fx.backend({self.options})"
+
+
+def backend(mesh: DeviceMesh | None = None, cache: Any = None, compiler: str = "inductor") -> ParaBackend:
+    """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
+
+    ``mesh``: from :func:`para_fx.init_mesh`; None runs on one device (the cache alone, no
+    collectives). ``compiler``: "inductor", "aot_eager" or "eager" (the transformed graph run as
+    Python, for debugging and fast tests).
+    """
+    if compiler not in COMPILERS:
+        raise ValueError(f"para_fx.backend: compiler must be one of {COMPILERS}, got {compiler!r}")
+    if mesh is not None:
+        if not isinstance(mesh, DeviceMesh):
+            raise TypeError(f"para_fx.backend: mesh must be a DeviceMesh from para_fx.init_mesh, got {type(mesh).__name__}")
+        mesh_info(mesh)  # validates the dims now rather than at the first call
+    return ParaBackend(Options(mesh=mesh, cache=cache, compiler=compiler))
+
+
+_DEFAULT_MESH: list[DeviceMesh | None] = []
+
+
+def para(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """``backend="para"``: the default mesh (all ranks Ulysses) when distributed, else one device."""
+    if not _DEFAULT_MESH:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        _DEFAULT_MESH.append(init_mesh() if distributed else None)
+    return compile_graph(gm, list(example_inputs), Options(mesh=_DEFAULT_MESH[0]))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
+    if _is_dynamic(gm, example_inputs):
+        log.info("para_fx: graph with symbolic sizes; compiling one static specialization per input shape")
+        return _PerShape(gm, options)
+    return _compile_static(gm, example_inputs, options)
+
+
+def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
+    graph = capture_aten(gm, example_inputs)
+    return _inner_compile(graph, example_inputs, options.compiler)
+
+
+def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable[..., Any]:
+    if compiler == "eager":
+        return graph
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(graph, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, example_inputs)
+
+
+def _is_dynamic(gm: fx.GraphModule, example_inputs: list[Any]) -> bool:
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        return True
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape)
+        ):
+            return True
+    return False
+
+
+class _PerShape:
+    """Compiles and caches one static graph per concrete input shape.
+
+    The shard pass splits sequences into uneven static chunks; rather than reason about
+    symbolic chunk sizes, a graph Dynamo made dynamic is specialised at call time.
+    """
+
+    def __init__(self, gm: fx.GraphModule, options: Options):
+        self.gm = gm
+        self.options = options
+        self.compiled: dict[tuple, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self.compiled[key] = _compile_static(self.gm, list(args), self.options)
+        return fn(*args)
+
+
+def register_para_backend() -> None:
+    """Make ``backend="para"`` resolve to :func:`para` on import.
+
+    When Dynamo is already loading the ``torch_dynamo_backends`` entry point (which imports this
+    package), it registers the name itself, and registering it here too would be a duplicate.
+    """
+    from torch._dynamo.backends import registry
+
+    if registry._BACKENDS.get("para") is None and "para" not in registry._COMPILER_FNS:
+        registry.register_backend(compiler_fn=para, name="para")

@@ -1,0 +1,98 @@
+"""The para backend on one process, its registration, and the mesh constructor's errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import para_fx
+from para_fx.launch import run_ranks
+from dits import joint_dit, patch_dit
+
+TESTS = os.path.dirname(__file__)
+
+
+def test_backend_name_works_without_importing_para_fx():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, %r)
+        from dits import patch_dit
+        model, kwargs = patch_dit()
+        with torch.no_grad():
+            out = torch.compile(model, backend="para")(**kwargs)
+            expected = model(**kwargs)
+        assert "para_fx" in sys.modules  # loaded through the entry point, not by us
+        print("max_abs_error", (out - expected).abs().max().item())
+        """
+        % TESTS
+    )
+    assert "import para_fx" not in script
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    error = float(result.stdout.split("max_abs_error")[1])
+    assert error <= 1e-5
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("factory", [patch_dit, joint_dit])
+def test_world_one_equals_eager(compiler, factory):
+    model, kwargs = factory()
+    compiled = torch.compile(model, backend=para_fx.backend(compiler=compiler), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kwargs), model(**kwargs), rtol=0, atol=1e-5)
+
+
+def test_new_resolution_recompiles_correctly():
+    model, _ = joint_dit()
+    compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
+    with torch.no_grad():
+        for height in (14, 18, 10):
+            _, kwargs = joint_dit(height=height)
+            torch.testing.assert_close(compiled(**kwargs), model(**kwargs), rtol=0, atol=1e-5)
+
+
+def test_backend_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="compiler must be one of"):
+        para_fx.backend(compiler="tensorrt")
+    with pytest.raises(TypeError, match="DeviceMesh"):
+        para_fx.backend(mesh=[0, 1])
+
+
+def test_init_mesh_without_process_group():
+    assert para_fx.init_mesh() is None
+    with pytest.raises(RuntimeError, match="not initialised"):
+        para_fx.init_mesh(ulysses=2)
+    with pytest.raises(ValueError, match="positive int"):
+        para_fx.init_mesh(ring=0)
+
+
+def mesh_shapes_and_errors():
+    shapes = {}
+    for kwargs in ({}, {"ring": 2}, {"ulysses": 2}, {"batch": 2}, {"batch": 2, "ring": 2}):
+        mesh = para_fx.init_mesh(**kwargs)
+        assert mesh.mesh_dim_names == ("batch", "ring", "ulysses")
+        shapes[str(kwargs)] = tuple(mesh.shape)
+    errors = []
+    for kwargs in ({"ulysses": 3}, {"ring": 2, "ulysses": 3}, {"batch": 3}, {"batch": 2, "ring": 4}):
+        with pytest.raises(ValueError, match="world size|divide") as info:
+            para_fx.init_mesh(**kwargs)
+        errors.append(str(info.value))
+    return shapes, errors
+
+
+def test_init_mesh_shapes_and_errors():
+    shapes, errors = run_ranks(mesh_shapes_and_errors, 4)[0]
+    assert shapes == {
+        "{}": (1, 1, 4),
+        "{'ring': 2}": (1, 2, 2),
+        "{'ulysses': 2}": (1, 2, 2),
+        "{'batch': 2}": (2, 1, 2),
+        "{'batch': 2, 'ring': 2}": (2, 2, 1),
+    }
+    assert errors[0] == "init_mesh: ulysses=3 does not divide the world size 4 / batch 1 = 4"
+    assert errors[1] == "init_mesh: batch=1 x ring=2 x ulysses=3 must multiply to the world size 4"
