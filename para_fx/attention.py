@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from .mesh import MeshInfo, chunk_sizes, traceable_mesh_info
+from .mesh import MeshInfo, traceable_mesh_info
+from .placement import Layout, local_ranges, local_size, plain
 
 aten = torch.ops.aten
 
@@ -64,9 +65,15 @@ def context_parallel_attention(
         q_global, kv_global = _exchange_lengths(info.seq_group, query.shape[2], key.shape[2])
         query_len = query_len if query_len is not None else q_global
         kv_len = kv_len if kv_len is not None else kv_global
+    bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
     return sharded_attention(
-        query, key, value, info, query_len=query_len, kv_len=kv_len, key_mask=attn_mask, scale=scale
+        query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale
     )
+
+
+def _key_mask_to_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
 
 
 def _local_batch_mask(mask: torch.Tensor, local_batch: int, info: MeshInfo | None) -> torch.Tensor:
@@ -112,43 +119,57 @@ def sharded_attention(
     v: torch.Tensor,
     info: MeshInfo,
     *,
-    query_len: int,
-    kv_len: int,
-    key_mask: torch.Tensor | None,
+    q_layout: Layout,
+    kv_layout: Layout,
+    bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Ulysses over the "ulysses" dim, then Ring over the "ring" dim; lengths are global and static."""
+    """Ulysses over the "ulysses" dim, then Ring over the "ring" dim.
+
+    ``q_layout``/``kv_layout`` say which global tokens each sequence rank holds (see
+    :mod:`para_fx.placement`); they are static, so every transport size is known. ``bias`` is a
+    replicated additive mask ``[B|1, 1, 1|S_q, S_kv]`` in global token order.
+    """
     heads = q.shape[1]
-    q_lens = chunk_sizes(query_len, info.seq)
-    kv_lens = chunk_sizes(kv_len, info.seq)
-    _check_local_length("query", q, q_lens[info.seq_rank], query_len)
-    _check_local_length("key", k, kv_lens[info.seq_rank], kv_len)
-    ring_kv_lens = _group_lengths(kv_lens, info)
+    n, u = info.seq, info.ulysses
+    q_lens = [local_size(q_layout, n, r) for r in range(n)]
+    kv_lens = [local_size(kv_layout, n, r) for r in range(n)]
+    _check_local_length("query", q, q_lens[info.seq_rank])
+    _check_local_length("key", k, kv_lens[info.seq_rank])
+    group_ranks = [range(g * u, (g + 1) * u) for g in range(info.ring)]
     kv = torch.stack([k, v])  # one transport for both
-    mine = slice(info.ring_rank * info.ulysses, (info.ring_rank + 1) * info.ulysses)
-    if info.ulysses > 1:
-        q = _sequence_to_heads(q, q_lens[mine], info)
-        kv = _sequence_to_heads(kv, kv_lens[mine], info)
-    kv_offsets = [0]
-    for n in ring_kv_lens:
-        kv_offsets.append(kv_offsets[-1] + n)
-    out = _ring_attention(q, kv, info, ring_kv_lens, kv_offsets, key_mask, scale)
-    if info.ulysses > 1:
-        out = _heads_to_sequence(out, q_lens[mine], heads, info)
+    mine = group_ranks[info.ring_rank]
+    if u > 1:
+        q = _sequence_to_heads(q, [q_lens[r] for r in mine], info)
+        kv = _sequence_to_heads(kv, [kv_lens[r] for r in mine], info)
+    if bias is not None:
+        if bias.shape[2] > 1:  # a per-query mask: keep the rows of this ring group's queries
+            bias = _take(bias, 2, [rg for r in mine for rg in local_ranges(q_layout, n, r)])
+        blocks = [_take(bias, 3, [rg for r in ranks for rg in local_ranges(kv_layout, n, r)]) for ranks in group_ranks]
+    else:
+        blocks = [None] * info.ring
+    ring_kv_lens = [sum(kv_lens[r] for r in ranks) for ranks in group_ranks]
+    out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale)
+    if u > 1:
+        out = _heads_to_sequence(out, [q_lens[r] for r in mine], heads, info)
     return out
 
 
-def _check_local_length(name: str, x: torch.Tensor, expected: int, total: int) -> None:
+def _take(x: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """The given ``(start, length)`` ranges of ``dim``, concatenated."""
+    if len(ranges) == 1:
+        return x.narrow(dim, *ranges[0])
+    if not ranges:
+        return x.narrow(dim, 0, 0)
+    return torch.cat([x.narrow(dim, start, length) for start, length in ranges], dim)
+
+
+def _check_local_length(name: str, x: torch.Tensor, expected: int) -> None:
     if x.shape[2] != expected:
         raise ValueError(
             f"context_parallel_attention: this rank's {name} chunk has {x.shape[2]} tokens, but "
-            f"torch.tensor_split of {total} tokens gives it {expected}"
+            f"torch.tensor_split of the global sequence gives it {expected}"
         )
-
-
-def _group_lengths(lens: list[int], info: MeshInfo) -> list[int]:
-    """Tokens held by each ring group (the union of its Ulysses ranks' chunks)."""
-    return [sum(lens[r * info.ulysses : (r + 1) * info.ulysses]) for r in range(info.ring)]
 
 
 def _sequence_to_heads(x: torch.Tensor, lens: list[int], info: MeshInfo) -> torch.Tensor:
@@ -185,12 +206,11 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
-def _ring_attention(q, kv, info: MeshInfo, lens: list[int], offsets: list[int], key_mask, scale):
+def _ring_attention(q, kv, info: MeshInfo, lens: list[int], bias_blocks: list, scale: float):
     """Attend to every ring group's key/value block, passing blocks on while the current one computes."""
     r = info.ring
-    longest = max(lens)
     if r > 1:
-        kv = _pad_dim(kv, -2, longest)
+        kv = _pad_dim(kv, -2, max(lens))
     out = lse = None
     if q.shape[-2] == 0:  # this rank holds no query token (fewer tokens than ranks); kernels reject empty queries
         lens = [0] * r
@@ -200,8 +220,7 @@ def _ring_attention(q, kv, info: MeshInfo, lens: list[int], offsets: list[int], 
             next_kv = _pass_to_next(kv, info)
         if lens[source]:
             block = kv[..., : lens[source], :] if r > 1 else kv
-            mask = None if key_mask is None else key_mask[:, offsets[source] : offsets[source] + lens[source]]
-            block_out, block_lse = attention_with_lse(q, block[0], block[1], mask, scale)
+            block_out, block_lse = attention_with_lse(q, block[0], block[1], bias_blocks[source], scale)
             out, lse = _merge(out, lse, block_out, block_lse)
         if step + 1 < r:
             kv = next_kv
@@ -232,19 +251,17 @@ def _merge(out, lse, block_out, block_lse):
     return out, new_lse
 
 
-def attention_with_lse(q, k, v, key_mask: torch.Tensor | None, scale: float):
+def attention_with_lse(q, k, v, bias: torch.Tensor | None, scale: float):
     """``(out, lse)`` of SDPA, lse as fp32 ``[B, H, L]``; rows whose keys are all masked get lse = -inf, out = 0."""
-    bias = None
-    if key_mask is not None:
-        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
-        bias = bias[:, None, None, :]
+    if bias is not None:
+        bias = bias.to(q.dtype)
     if q.device.type == "cuda":
         out, lse = _cuda_attention_with_lse(q, k, v, bias, scale)
     else:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     lse = lse.float()
-    if key_mask is not None:
-        attended = key_mask.any(-1)[:, None, None]
+    if bias is not None:  # kernels disagree on fully masked rows: make them contribute nothing
+        attended = (bias > float("-inf")).any(-1)  # [B|1, 1, 1|L]
         lse = lse.masked_fill(~attended, float("-inf"))
         out = out.masked_fill(~attended[..., None], 0.0)
     return out, lse

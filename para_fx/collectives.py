@@ -1,0 +1,50 @@
+"""Redistributions between placements, written with functional collectives.
+
+The shard pass inserts calls to these functions; re-tracing the graph inlines them as aten ops
+and ``_c10d_functional`` collectives that Inductor can schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+from .placement import Layout, local_ranges, local_size
+
+
+def take_local(x: torch.Tensor, dim: int, layout: Layout, parts: int, rank: int) -> torch.Tensor:
+    """Replicate -> Shard: this rank's part of a full tensor (a slice, or a cat of slices)."""
+    pieces = [x.narrow(dim, start, length) for start, length in local_ranges(layout, parts, rank)]
+    if len(pieces) == 1:
+        return pieces[0]
+    if not pieces:
+        return x.narrow(dim, 0, 0)
+    return torch.cat(pieces, dim)
+
+
+def gather(x: torch.Tensor, dim: int, layout: Layout, parts: int, group: str) -> torch.Tensor:
+    """Shard -> Replicate: all-gather the (possibly uneven, segmented) chunks into global order."""
+    sizes = [local_size(layout, parts, r) for r in range(parts)]
+    longest = max(sizes)
+    x = x.movedim(dim, 0)
+    if x.shape[0] < longest:
+        x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1) + [0, longest - x.shape[0]])
+    gathered = funcol.all_gather_tensor(x.contiguous(), 0, group).view(parts, longest, *x.shape[1:])
+    pieces = []
+    for segment in range(len(layout)):
+        for rank in range(parts):
+            start, length = _local_segment(layout, parts, rank, segment)
+            if length:
+                pieces.append(gathered[rank, start : start + length])
+    return torch.cat(pieces, 0).movedim(0, dim)
+
+
+def _local_segment(layout: Layout, parts: int, rank: int, segment: int) -> tuple[int, int]:
+    """Offset and length, in this rank's local tensor, of its piece of ``segment``."""
+    offset = sum(local_size(layout[i : i + 1], parts, rank) for i in range(segment))
+    return offset, local_size(layout[segment : segment + 1], parts, rank)
+
+
+def reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
+    """Partial -> Replicate."""
+    return funcol.all_reduce(x, op, group)
