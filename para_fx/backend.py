@@ -7,6 +7,7 @@ builds a configured one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Callable, Sequence
@@ -18,6 +19,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .capture import capture_aten
 from .mesh import init_mesh, mesh_info
+from .passes.shard import ShardSpec, shard
+from .passes.shard_rules import Group
+from .report import Report
 
 log = logging.getLogger("para_fx")
 
@@ -81,8 +85,42 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
 
 
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
-    graph = capture_aten(gm, example_inputs)
+    report = Report()
+    graph = run_passes(capture_aten(gm, example_inputs), example_inputs, options, report)
+    for recorder in _RECORDERS:
+        recorder.extend(report)
     return _inner_compile(graph, example_inputs, options.compiler)
+
+
+def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
+    """The aten graph through every pass that applies to this mesh, each followed by a re-trace."""
+    report.graphs["captured"] = graph.code
+    if options.mesh is None:
+        return graph
+    info = mesh_info(options.mesh)
+    for kind, parts, rank, group in (
+        ("batch", info.batch, info.batch_rank, info.batch_group),
+        ("seq", info.seq, info.seq_rank, info.seq_group),
+    ):
+        if parts > 1:
+            spec = ShardSpec(kind, Group(parts, rank, group), info)
+            graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
+            report.graphs[f"shard_{kind}"] = graph.code
+    return graph
+
+
+_RECORDERS: list[Report] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the reports of every graph compiled inside the block (used by ``explain``)."""
+    report = Report()
+    _RECORDERS.append(report)
+    try:
+        yield report
+    finally:
+        _RECORDERS.remove(report)
 
 
 def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable[..., Any]:

@@ -17,16 +17,21 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
-def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Trace ``gm`` to aten with static shapes, keeping node metadata; ``example_inputs`` are concrete."""
+def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], functional: bool = True) -> fx.GraphModule:
+    """Trace ``gm`` to aten with static shapes, keeping node metadata; ``example_inputs`` are concrete.
+
+    Also used after a pass (``functional=False``) to inline the Python helpers a pass inserted
+    and to give every new node its fake value.
+    """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [_to_fake(fake_mode, x) for x in example_inputs]
 
     def run(*args):
         return fx.Interpreter(gm).run(*args)
 
+    fn = torch.func.functionalize(run, remove="mutations") if functional else run
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
-        traced = make_fx(torch.func.functionalize(run, remove="mutations"), pre_dispatch=False)(*fake_inputs)
+        traced = make_fx(fn, pre_dispatch=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
     traced.recompile()
     return traced

@@ -48,3 +48,9 @@ def _local_segment(layout: Layout, parts: int, rank: int, segment: int) -> tuple
 def reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
     """Partial -> Replicate."""
     return funcol.all_reduce(x, op, group)
+
+
+def in_memory_order(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``x`` with its dims laid out in memory in ``order`` (outermost first); a no-op when they already are."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return x.permute(order).contiguous().permute(inverse)
