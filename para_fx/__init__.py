@@ -2,8 +2,9 @@
 
 from .attention import context_parallel_attention
 from .backend import backend, para, register_para_backend
+from .explain import explain
 from .mesh import init_mesh
 
 register_para_backend()
 
-__all__ = ["backend", "context_parallel_attention", "init_mesh"]
+__all__ = ["backend", "context_parallel_attention", "explain", "init_mesh"]

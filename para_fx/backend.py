@@ -21,7 +21,7 @@ from .capture import capture_aten
 from .mesh import init_mesh, mesh_info
 from .passes.shard import ShardSpec, shard
 from .passes.shard_rules import Group
-from .report import Report
+from .report import Report, collectives_of
 
 log = logging.getLogger("para_fx")
 
@@ -87,6 +87,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
     report = Report()
     graph = run_passes(capture_aten(gm, example_inputs), example_inputs, options, report)
+    report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
     return _inner_compile(graph, example_inputs, options.compiler)
@@ -106,6 +107,7 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
             spec = ShardSpec(kind, Group(parts, rank, group), info)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
             report.graphs[f"shard_{kind}"] = graph.code
+    report.collectives.extend(collectives_of(graph))
     return graph
 
 

@@ -39,11 +39,14 @@ class Report:
     collectives: list[Collective] = dataclasses.field(default_factory=list)
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)  # pass name -> readable code
     notes: list[str] = dataclasses.field(default_factory=list)
+    graph_count: int = 0  # graphs Dynamo handed to the backend: more than one means graph breaks
 
     def extend(self, other: "Report") -> None:
         for field in ("attention_sites", "fallbacks", "collectives", "notes"):
             getattr(self, field).extend(getattr(other, field))
-        self.graphs.update(other.graphs)
+        prefix = f"graph{self.graph_count}_" if self.graph_count else ""
+        self.graphs.update({prefix + k: v for k, v in other.graphs.items()})
+        self.graph_count += other.graph_count
 
     def __str__(self) -> str:
         lines = [f"attention sites ({len(self.attention_sites)}):"]
@@ -56,6 +59,11 @@ class Report:
         total = sum(c.bytes for c in self.collectives)
         lines.append(f"collectives ({len(self.collectives)}, {total / 2**20:.2f} MiB per call):")
         lines += _table(["kind", "bytes", "module"], [[c.kind, str(c.bytes), c.module] for c in self.collectives])
+        if self.graph_count > 1:
+            lines.append(
+                f"note: Dynamo split the model into {self.graph_count} graphs; code between graphs "
+                "(attention included) runs unsharded on full tensors"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -76,7 +84,7 @@ def module_path(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"(?:\.?__dict__\['_modules'\]|\._modules)\['([^']+)'\]", r".\1", path)
     return path.strip(".")
 
 
@@ -88,3 +96,16 @@ def source_line(node: fx.Node) -> str:
         return "<unknown source>"
     path, line, code = frames[-1]
     return f"{path}:{line}  {code.strip()}"
+
+
+def collectives_of(graph: fx.GraphModule) -> list[Collective]:
+    """Every collective a graph issues per call (waits excluded), with the bytes it returns."""
+    found = []
+    for node in graph.graph.nodes:
+        target = node.target
+        if getattr(target, "namespace", None) != "_c10d_functional" or "wait" in target.__name__:
+            continue
+        v = node.meta.get("val")
+        size = v.numel() * v.element_size() if v is not None else 0
+        found.append(Collective(target.__name__.split(".")[0], size, module_path(node)))
+    return found

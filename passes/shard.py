@@ -24,11 +24,13 @@ from para_fx import collectives
 from para_fx.attention import sharded_attention
 from para_fx.mesh import MeshInfo
 from para_fx.placement import REPLICATE, Partial, Placement, Replicate, Shard, global_size, plain
-from para_fx.report import AttentionSite, Collective, Fallback, Report, module_path, source_line
+from para_fx.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .shard_rules import VIEW_OPS, Decision, Group, decide, is_pointwise, replicated, shape, tensor_inputs, val
 
 aten = torch.ops.aten
+
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 ATTENTION_OPS = {
     aten.scaled_dot_product_attention.default,
@@ -83,6 +85,8 @@ def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, int]:
             for dim, size in enumerate(shape(a)):
                 if size < spec.group.parts:
                     continue
+                if node.target in RESHAPES and None in wanted and size < shape(node)[wanted[None]]:
+                    continue  # a factor of the tokens (frames of frames x height x width): split after the merge
                 pl = {x: REPLICATE for x in inputs}
                 pl[a] = Shard(dim, plain(size))
                 decision = decide(node, pl, spec.group)
@@ -130,11 +134,9 @@ class _Builder:
                 x, have = full, REPLICATE
         if isinstance(have, Partial):
             x = self._call(collectives.reduce, (x, have.reduce, g.name), user)
-            self._collective("all_reduce", node, user)
             have = REPLICATE
         if isinstance(have, Shard) and have != want:
             x = self._call(collectives.gather, (x, have.dim, have.layout, g.parts, g.name), user)
-            self._collective("all_gather", node, user)
             have = REPLICATE
         if isinstance(want, Shard):
             x = self._call(collectives.take_local, (x, want.dim, want.layout, g.parts, g.rank), user)
@@ -165,10 +167,6 @@ class _Builder:
         remap = lambda a: full_inputs[a] if a in full_inputs else self._map(a)
         self.full[node] = self._call(node.target, fx.node.map_arg(node.args, remap), node, fx.node.map_arg(node.kwargs, remap))
         return self.full[node]
-
-    def _collective(self, kind: str, node: fx.Node, user: fx.Node) -> None:
-        v = val(node)
-        self.report.collectives.append(Collective(kind, v.numel() * v.element_size(), module_path(user)))
 
     def _call(self, fn, args, like: fx.Node, kwargs=None) -> fx.Node:
         new = self.graph.call_function(fn, args, kwargs or {})

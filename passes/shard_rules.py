@@ -115,6 +115,8 @@ def rule(*targets):
 EXTRA_POINTWISE = {
     aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.lift_fresh_copy.default,
+    aten.copy.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+    aten.full_like.default,
 }
 
 
@@ -406,6 +408,22 @@ def stack(node, pl, g):
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(shape(node)))
     p = sharded[0]
     return Decision({t: p for t in tensors}, Shard(p.dim + (dim <= p.dim), p.layout))
+
+
+@rule(aten.slice_scatter.default, aten.select_scatter.default)
+def scatter_along_other_dim(node, pl, g):
+    x, src = node.args[:2]
+    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
+    p = pl[x] if isinstance(pl[x], Shard) else pl[src] if isinstance(pl[src], Shard) else None
+    if p is None:
+        return replicated(node)
+    if node.target is aten.slice_scatter.default:
+        src_p = p
+    else:
+        src_p = Shard(p.dim - (dim < p.dim), p.layout)
+    if p.dim == dim or shape(src)[src_p.dim] != shape(x)[p.dim]:
+        return replicated(node, "scatters into the sharded dim")
+    return Decision({x: p, src: src_p}, p)
 
 
 @rule(aten.constant_pad_nd.default)
