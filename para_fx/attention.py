@@ -143,6 +143,9 @@ def sharded_attention(
         q = _sequence_to_heads(q, [q_lens[r] for r in mine], info)
         kv = _sequence_to_heads(kv, [kv_lens[r] for r in mine], info)
     if bias is not None:
+        if bias.shape[1] > 1 and u > 1:  # a per-head mask: keep the heads this rank attends with
+            per_rank = -(-heads // u)
+            bias = _pad_dim(bias, 1, per_rank * u).narrow(1, info.ulysses_rank * per_rank, per_rank)
         if bias.shape[2] > 1:  # a per-query mask: keep the rows of this ring group's queries
             bias = _take(bias, 2, [rg for r in mine for rg in local_ranges(q_layout, n, r)])
         blocks = [_take(bias, 3, [rg for r in ranks for rg in local_ranges(kv_layout, n, r)]) for ranks in group_ranks]

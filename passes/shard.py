@@ -30,6 +30,15 @@ from .shard_rules import VIEW_OPS, Decision, Group, decide, is_pointwise, replic
 
 aten = torch.ops.aten
 
+SEGMENT_OPS = {aten.slice.Tensor, aten.slice_scatter.default}
+
+
+def _op_dim(node: fx.Node) -> int:
+    ndim = len(shape(node))
+    dim = node.args[1] if node.target is aten.slice.Tensor else node.args[2] if len(node.args) > 2 else 0
+    return dim + ndim if dim < 0 else dim
+
+
 RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 ATTENTION_OPS = {
@@ -79,6 +88,12 @@ def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, int]:
         if not wanted or node.target in ATTENTION_OPS:
             continue
         inputs = tensor_inputs(node)
+        if node.target in SEGMENT_OPS and None in wanted and _op_dim(node) == wanted[None]:
+            # Whether a slice keeps whole shards depends on the layout, known only when propagating.
+            for a in inputs[:2]:
+                if len(shape(a)) == len(shape(node)):
+                    demand.setdefault(a, wanted[None])
+            continue
         for a in inputs:
             if a in demand:
                 continue
@@ -270,8 +285,8 @@ class _Builder:
         if a.get("enable_gqa", False) or shape(a["key"])[1] != shape(a["query"])[1]:
             return "grouped-query attention is not context-parallel"
         mask = a["mask"]
-        if mask is not None and (len(shape(mask)) != 4 or shape(mask)[1] != 1):
-            return f"attention mask of shape {shape(mask)} (per head) is not supported"
+        if mask is not None and (len(shape(mask)) != 4 or shape(mask)[1] not in (1, shape(a["query"])[1])):
+            return f"attention mask of shape {shape(mask)} is not supported"
         for user in node.users:
             if user.target is operator.getitem and user.args[1] != 0 and user.users:
                 return "the attention's log-sum-exp is used"

@@ -410,20 +410,27 @@ def stack(node, pl, g):
     return Decision({t: p for t in tensors}, Shard(p.dim + (dim <= p.dim), p.layout))
 
 
-@rule(aten.slice_scatter.default, aten.select_scatter.default)
-def scatter_along_other_dim(node, pl, g):
+@rule(aten.slice_scatter.default)
+def slice_scatter(node, pl, g):
     x, src = node.args[:2]
-    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
     p = pl[x] if isinstance(pl[x], Shard) else pl[src] if isinstance(pl[src], Shard) else None
     if p is None:
         return replicated(node)
-    if node.target is aten.slice_scatter.default:
-        src_p = p
-    else:
-        src_p = Shard(p.dim - (dim < p.dim), p.layout)
-    if p.dim == dim or shape(src)[src_p.dim] != shape(x)[p.dim]:
-        return replicated(node, "scatters into the sharded dim")
-    return Decision({x: p, src: src_p}, p)
+    size = shape(x)[p.dim]
+    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
+    if dim != p.dim:
+        return Decision({x: p, src: p}, p) if shape(src)[p.dim] == size else replicated(node, "scatter shapes differ")
+    if not isinstance(pl[x], Shard):
+        p = Shard(dim, plain(size))
+    start = node.args[3] if len(node.args) > 3 and node.args[3] is not None else 0
+    end = node.args[4] if len(node.args) > 4 and node.args[4] is not None else size
+    step = node.args[5] if len(node.args) > 5 else 1
+    start, end = start + size if start < 0 else start, min(size, end + size if end < 0 else end)
+    span = _segment_span(p.layout, start, end) if step == 1 else None
+    if span is None:
+        return replicated(node, f"scatter into [{start}:{end}:{step}] of the sharded dim cuts a shard")
+    lo = _local_offset(p.layout, start, g)
+    return Decision({x: p, src: Shard(dim, span)}, p, args=(x, src, dim, lo, lo + g.local(span)))
 
 
 @rule(aten.constant_pad_nd.default)
