@@ -18,7 +18,7 @@ CASES = [
     (29, 11, 2, True, True),
     (3, 2, 2, False, False),  # fewer tokens than ranks: some chunks are empty
 ]
-MESHES = {2: [(1, 1, 2), (1, 2, 1), (2, 1, 1)], 4: [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]}
+MESHES = {2: [(1, 1, 2), (1, 2, 1), (2, 1, 1)], 3: [(1, 1, 3), (1, 3, 1), (3, 1, 1)], 4: [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]}
 
 
 def make_inputs(sq, skv, heads, masked, batch, dim=8, seed=0):
@@ -69,7 +69,7 @@ def attention_errors(mesh_shape, cases, compiler=None):
     return errors
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_every_mesh_matches_full_sdpa(world):
     for mesh_shape in MESHES[world]:
         per_rank = run_ranks(attention_errors, world, mesh_shape, CASES)
