@@ -191,7 +191,6 @@ def _sequence_to_heads(x: torch.Tensor, lens: list[int], info: MeshInfo) -> torc
 
 def _heads_to_sequence(x: torch.Tensor, lens: list[int], heads: int, info: MeshInfo) -> torch.Tensor:
     """Inverse of :func:`_sequence_to_heads`: ``[B, ceil(H/U), sum(lens), D]`` -> ``[B, H, L_mine, D]``."""
-    u = info.ulysses
     longest = max(lens)
     pieces = torch.split(x, lens, dim=-2)
     x = torch.stack([_pad_dim(p, -2, longest) for p in pieces])  # [U (destination), B, H/U, T, D]

@@ -23,7 +23,7 @@ from torch.fx.operator_schemas import normalize_function
 from para_fx import collectives
 from para_fx.attention import sharded_attention
 from para_fx.mesh import MeshInfo
-from para_fx.placement import REPLICATE, Partial, Placement, Replicate, Shard, global_size, plain
+from para_fx.placement import REPLICATE, Partial, Placement, Replicate, Shard, plain
 from para_fx.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .shard_rules import VIEW_OPS, Decision, Group, decide, is_pointwise, replicated, shape, tensor_inputs, val

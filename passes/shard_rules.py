@@ -10,7 +10,6 @@ replicated (gathered), the result replicated, and a reason for the report.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any, Callable
 
 import torch
@@ -352,7 +351,7 @@ def _split_pieces(node, sizes, dim, pl, g):
 
 @rule(aten.split.Tensor)
 def split(node, pl, g):
-    x, size = node.args[0], node.args[1]
+    x = node.args[0]
     dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
     return _split_pieces(node, [tuple(v.shape)[dim] for v in val(node)], dim, pl, g)
 
@@ -614,5 +613,3 @@ def decide(node: fx.Node, pl: dict, g: Group) -> Decision:
         return replicated(node, f"no sharding rule for {node.target}" if sharded else None)
     return fn(node, pl, g)
 
-
-GETITEM = operator.getitem
