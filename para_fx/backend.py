@@ -95,7 +95,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
     """The aten graph through every pass that applies to this mesh, each followed by a re-trace."""
-    report.graphs["captured"] = graph.code
+    report.add_graph("captured", graph)
     if options.mesh is None:
         return graph
     info = mesh_info(options.mesh)
@@ -106,7 +106,7 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
         if parts > 1:
             spec = ShardSpec(kind, Group(parts, rank, group), info)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
-            report.graphs[f"shard_{kind}"] = graph.code
+            report.add_graph(f"shard_{kind}", graph)
     report.collectives.extend(collectives_of(graph))
     return graph
 

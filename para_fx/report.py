@@ -41,6 +41,10 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     graph_count: int = 0  # graphs Dynamo handed to the backend: more than one means graph breaks
 
+    def add_graph(self, name: str, graph: fx.GraphModule) -> None:
+        """Record the graph after the pass ``name`` as readable code."""
+        self.graphs[name] = graph.code
+
     def extend(self, other: "Report") -> None:
         for field in ("attention_sites", "fallbacks", "collectives", "notes"):
             getattr(self, field).extend(getattr(other, field))
