@@ -17,8 +17,10 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 
+from .cache import CachedGraph, FirstBlockCache
 from .capture import capture_aten
 from .mesh import init_mesh, mesh_info
+from .passes.cache import insert_first_block_cache
 from .passes.shard import ShardSpec, shard
 from .passes.shard_rules import Group
 from .report import Report, collectives_of
@@ -33,7 +35,7 @@ class Options:
     """What a para backend was asked to do."""
 
     mesh: DeviceMesh | None = None
-    cache: Any = None  # a para_fx.FirstBlockCache, or None
+    cache: FirstBlockCache | None = None
     compiler: str = "inductor"
 
 
@@ -50,11 +52,13 @@ class ParaBackend:
         return f"para_fx.backend({self.options})"
 
 
-def backend(mesh: DeviceMesh | None = None, cache: Any = None, compiler: str = "inductor") -> ParaBackend:
+def backend(
+    mesh: DeviceMesh | None = None, cache: FirstBlockCache | None = None, compiler: str = "inductor"
+) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
     ``mesh``: from :func:`para_fx.init_mesh`; None runs on one device (the cache alone, no
-    collectives). ``compiler``: "inductor", "aot_eager" or "eager" (the transformed graph run as
+    collectives). ``cache``: a :class:`para_fx.FirstBlockCache`, or None. ``compiler``: "inductor", "aot_eager" or "eager" (the transformed graph run as
     Python, for debugging and fast tests).
     """
     if compiler not in COMPILERS:
@@ -63,6 +67,8 @@ def backend(mesh: DeviceMesh | None = None, cache: Any = None, compiler: str = "
         if not isinstance(mesh, DeviceMesh):
             raise TypeError(f"para_fx.backend: mesh must be a DeviceMesh from para_fx.init_mesh, got {type(mesh).__name__}")
         mesh_info(mesh)  # validates the dims now rather than at the first call
+    if cache is not None and not isinstance(cache, FirstBlockCache):
+        raise TypeError(f"para_fx.backend: cache must be a para_fx.FirstBlockCache, got {type(cache).__name__}")
     return ParaBackend(Options(mesh=mesh, cache=cache, compiler=compiler))
 
 
@@ -87,14 +93,19 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
     report = Report()
     graph = run_passes(capture_aten(gm, example_inputs), example_inputs, options, report)
+    layout = None
+    if options.cache is not None:
+        graph, layout, example_inputs = _cache_pass(graph, example_inputs, options, report)
+    report.collectives.extend(collectives_of(graph))
     report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
-    return _inner_compile(graph, example_inputs, options.compiler)
+    compiled = _inner_compile(graph, example_inputs, options.compiler)
+    return compiled if layout is None else CachedGraph(compiled, layout, options.cache)
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
-    """The aten graph through every pass that applies to this mesh, each followed by a re-trace."""
+    """The aten graph through the shard passes that apply to this mesh, each followed by a re-trace."""
     report.add_graph("captured", graph)
     if options.mesh is None:
         return graph
@@ -107,8 +118,26 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
             spec = ShardSpec(kind, Group(parts, rank, group), info)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
             report.add_graph(f"shard_{kind}", graph)
-    report.collectives.extend(collectives_of(graph))
     return graph
+
+
+def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report):
+    """The First Block Cache's cond; the graph gains the state inputs the runtime will pass."""
+    cache = options.cache
+    groups = []
+    if options.mesh is not None:
+        info = mesh_info(options.mesh)
+        groups = [group for parts, group in ((info.seq, info.seq_group), (info.batch, info.batch_group)) if parts > 1]
+    cached = insert_first_block_cache(graph, cache.compute_first, cache.compute_last, groups, report)
+    if cached is None:
+        return graph, None, example_inputs
+    graph, layout = cached
+    state = [spec.zeros() for spec in layout.prefix_state + layout.region_state]
+    device = layout.prefix_state[0].device
+    inputs = [*example_inputs, *state, torch.tensor(False, device=device), torch.tensor(0.0, device=device)]
+    graph = capture_aten(graph, inputs, functional=False)
+    report.add_graph("cache", graph)
+    return graph, layout, inputs
 
 
 _RECORDERS: list[Report] = []

@@ -1,11 +1,20 @@
-"""What the passes did to a graph, as plain records: attention sites, fallbacks, collectives."""
+"""What the passes did to a graph, as plain records: attention sites, fallbacks, collectives, and
+each pass's graph; ``str(report)`` prints them as tables, ``save_html`` as one self-contained page."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import logging
+from typing import Any
 
+import torch
 import torch.fx as fx
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+from . import dump
+from .dump import NodeRow, is_collective, module_path, source_line  # noqa: F401  (module_path, source_line: used by the passes)
+
+log = logging.getLogger("para_fx")
 
 
 @dataclasses.dataclass
@@ -28,8 +37,34 @@ class Fallback:
 @dataclasses.dataclass
 class Collective:
     kind: str
-    bytes: int
+    bytes: int  # what it returns on this rank, per call
     module: str = ""
+    site: int | None = None  # index in Report.attention_sites of the attention that issued it
+
+
+@dataclasses.dataclass
+class PassGraph:
+    """A graph after one pass: its code, one row per node, and this rank's FLOPs (matmuls, attention)."""
+
+    name: str
+    code: str  # GraphModule.code
+    rows: list[NodeRow]
+    flops: int
+
+
+@dataclasses.dataclass
+class CompiledGraph:
+    """One graph the backend compiled, pass by pass; ``name`` numbers it in this process (dump files)."""
+
+    name: str
+    passes: list[PassGraph] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
 
 
 @dataclasses.dataclass
@@ -40,29 +75,143 @@ class Report:
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)  # pass name -> readable code
     notes: list[str] = dataclasses.field(default_factory=list)
     graph_count: int = 0  # graphs Dynamo handed to the backend: more than one means graph breaks
+    blocks: list[str] = dataclasses.field(default_factory=list)  # transformer blocks found
+    cache: Any = None  # the First Block Cache region (passes.cache.CacheRegion), None if not applied
+    compiled: list[CompiledGraph] = dataclasses.field(default_factory=list)
+    world_size: int = 1  # ranks the mesh spans (set by explain): what the FLOPs estimate divides by
 
     def add_graph(self, name: str, graph: fx.GraphModule) -> None:
-        """Record the graph after the pass ``name`` as readable code."""
-        self.graphs[name] = graph.code
+        """Record the graph after the pass ``name``; dump it when ``PARA_FX_DUMP_DIR`` is set."""
+        if not self.compiled:
+            self.compiled.append(CompiledGraph(dump.next_graph_name()))
+        record = self.compiled[-1]
+        step = PassGraph(name, graph.code, dump.node_rows(graph), graph_flops(graph))
+        previous = record.passes[-1] if record.passes else None
+        record.passes.append(step)
+        self.graphs[name] = step.code
+        if name == "captured" and not self.blocks:
+            from .passes.blocks import find_blocks  # the blocks pass imports this module
+
+            self.blocks = [b.name for b in find_blocks(graph.graph)]
+        collectives = sum(r.collective for r in step.rows)
+        log.debug("para_fx: %s after %s: %d nodes, %d collectives", record.name, name, len(step.rows), collectives)
+        torch._logging.trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": f"para_fx_{record.name}_{name}", "encoding": "string"},
+            payload_fn=lambda: dump.render(step.rows),
+            expect_trace_id=False,
+        )
+        folder = dump.dump_dir()
+        if folder is not None:
+            before = (previous.name, previous.rows) if previous else None
+            dump.write_pass(folder, record.name, len(record.passes) - 1, name, step.rows, before)
 
     def extend(self, other: "Report") -> None:
-        for field in ("attention_sites", "fallbacks", "collectives", "notes"):
+        offset = len(self.attention_sites)
+        self.collectives.extend(
+            dataclasses.replace(c, site=None if c.site is None else c.site + offset) for c in other.collectives
+        )
+        for field in ("attention_sites", "fallbacks", "notes", "compiled"):
             getattr(self, field).extend(getattr(other, field))
+        self.blocks = self.blocks or other.blocks
+        self.cache = self.cache or other.cache
+        self.world_size = max(self.world_size, other.world_size)
         prefix = f"graph{self.graph_count}_" if self.graph_count else ""
         self.graphs.update({prefix + k: v for k, v in other.graphs.items()})
         self.graph_count += other.graph_count
 
-    def __str__(self) -> str:
-        lines = [f"attention sites ({len(self.attention_sites)}):"]
-        lines += _table(
-            ["module", "strategy", "query len (local/global)", "placements"],
-            [[s.module, s.strategy, f"{s.local_query_len}/{s.global_query_len}", s.placements] for s in self.attention_sites],
-        )
-        lines.append(f"fallbacks ({len(self.fallbacks)}):")
-        lines += _table(["op", "reason", "source"], [[f.op, f.reason, f.source] for f in self.fallbacks])
+    # -- the graphs --------------------------------------------------------------------------
+
+    def passes(self) -> dict[str, PassGraph]:
+        """Every pass of every graph, by the keys of ``graphs`` (``shard_seq``, ``graph1_shard_seq``)."""
+        return {key: step for key, step, _ in self.pass_sequence()}
+
+    def pass_sequence(self) -> list[tuple[str, PassGraph, str | None]]:
+        """``(key, pass, key of the pass before in the same graph or None)``, in compilation order."""
+        sequence = []
+        for i, record in enumerate(self.compiled):
+            prefix = f"graph{i}_" if i else ""
+            for j, step in enumerate(record.passes):
+                sequence.append((prefix + step.name, step, prefix + record.passes[j - 1].name if j else None))
+        return sequence
+
+    def graph_text(self, name: str, module: str | None = None) -> str:
+        """The graph after pass ``name`` (a key of ``graphs``), one annotated line per node,
+        only the nodes made inside ``module`` (a module path) if given."""
+        return dump.render(self._pass(name).rows, module)
+
+    def graph_diff(self, before: str, after: str) -> str:
+        """A unified diff of the graphs after two passes (keys of ``graphs``), node names dropped."""
+        return dump.diff(self._pass(before).rows, self._pass(after).rows, before, after)
+
+    def _pass(self, name: str) -> PassGraph:
+        passes = self.passes()
+        if name not in passes:
+            raise KeyError(f"no graph after a pass named {name!r}; the report has {list(passes)}")
+        return passes[name]
+
+    # -- tables ------------------------------------------------------------------------------
+
+    def site_collectives(self, index: int) -> list[Collective]:
+        return [c for c in self.collectives if c.site == index]
+
+    def tables(self) -> list[Table]:
+        """The report as titled tables (``str`` and ``save_html`` both render these)."""
+        sites = []
+        for i, s in enumerate(self.attention_sites):
+            by_kind: dict[str, list[int]] = {}
+            for c in self.site_collectives(i):
+                by_kind.setdefault(c.kind, []).append(c.bytes)
+            per_call = ", ".join(f"{kind} x{len(sizes)} ({format_bytes(sum(sizes))})" for kind, sizes in by_kind.items()) or "-"
+            sites.append([s.module, s.strategy, f"{s.local_query_len}/{s.global_query_len}", s.placements, per_call])
         total = sum(c.bytes for c in self.collectives)
-        lines.append(f"collectives ({len(self.collectives)}, {total / 2**20:.2f} MiB per call):")
-        lines += _table(["kind", "bytes", "module"], [[c.kind, str(c.bytes), c.module] for c in self.collectives])
+        return [
+            Table(f"blocks ({len(self.blocks)})", ["block"], [[b] for b in self.blocks]),
+            Table(
+                f"attention sites ({len(self.attention_sites)})",
+                ["module", "strategy", "query len (local/global)", "placements", "collectives per call"],
+                sites,
+            ),
+            Table(
+                f"fallbacks ({len(self.fallbacks)})",
+                ["op", "reason", "source", "module"],
+                [[f.op, f.reason, f.source, f.module] for f in self.fallbacks],
+            ),
+            Table(
+                f"collectives ({len(self.collectives)}, {total / 2**20:.2f} MiB per call)",
+                ["kind", "bytes", "module"],
+                [[c.kind, str(c.bytes), c.module] for c in self.collectives],
+            ),
+            Table("summary", [], self.summary()),
+        ]
+
+    def summary(self) -> list[list[str]]:
+        total = sum(c.bytes for c in self.collectives)
+        rows = [
+            ["graphs compiled", str(self.graph_count)],
+            ["collectives per step", f"{len(self.collectives)} ({format_bytes(total)})"],
+        ]
+        single = sum(g.passes[0].flops for g in self.compiled if g.passes)
+        local = sum(g.passes[-1].flops for g in self.compiled if g.passes)
+        if single:
+            rows.append(["FLOPs per step (matmul, attention)", f"{format_flops(local)} per rank, {format_flops(single)} on one device"])
+        if single and self.world_size > 1:
+            # local = (1 - f) * single + f * single / world: the fraction f that runs split over the ranks.
+            fraction = (single - local) / (single * (1 - 1 / self.world_size))
+            rows.append(["FLOPs sharded (estimate)", f"{min(max(fraction, 0.0), 1.0):.0%} over {self.world_size} ranks"])
+        return rows
+
+    def __str__(self) -> str:
+        lines = []
+        for table in self.tables():
+            if table.title == "summary":
+                lines.append("summary:")
+                lines += [f"  {key}: {value}" for key, value in table.rows]
+                continue
+            lines.append(f"{table.title}:")
+            lines += _table(table.header, table.rows)
+        if self.cache is not None:
+            lines += ["first block cache (one torch.cond per step):", str(self.cache)]
         if self.graph_count > 1:
             lines.append(
                 f"note: Dynamo split the model into {self.graph_count} graphs; code between graphs "
@@ -70,6 +219,13 @@ class Report:
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def save_html(self, path: str) -> None:
+        """One self-contained HTML page: the tables and every pass's graph, coloured by placement."""
+        from .html import render_report
+
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(render_report(self))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -80,36 +236,64 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header)] + [fmt(r) for r in rows]
 
 
-def module_path(node: fx.Node) -> str:
-    """The dotted path of the innermost module a node came from (``transformer_blocks.0.attn``)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"(?:\.?__dict__\['_modules'\]|\._modules)\['([^']+)'\]", r".\1", path)
-    return path.strip(".")
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
-def source_line(node: fx.Node) -> str:
-    """``file:line  code`` of the innermost user frame that produced a node."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
-    if not frames:
-        return "<unknown source>"
-    path, line, code = frames[-1]
-    return f"{path}:{line}  {code.strip()}"
+def format_flops(n: int) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1000 or unit == "T":
+            return f"{n:.3g} {unit}FLOP"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 def collectives_of(graph: fx.GraphModule) -> list[Collective]:
-    """Every collective a graph issues per call (waits excluded), with the bytes it returns."""
+    """Every collective a graph issues per call (waits excluded), with the bytes it returns,
+    including those inside subgraphs (the branches of a ``torch.cond``)."""
     found = []
-    for node in graph.graph.nodes:
-        target = node.target
-        if getattr(target, "namespace", None) != "_c10d_functional" or "wait" in target.__name__:
+    for gm in graph.modules():
+        if not isinstance(gm, fx.GraphModule):
             continue
-        v = node.meta.get("val")
-        size = v.numel() * v.element_size() if v is not None else 0
-        found.append(Collective(target.__name__.split(".")[0], size, module_path(node)))
+        for node in gm.graph.nodes:
+            if not is_collective(node):
+                continue
+            v = node.meta.get("val")
+            size = v.numel() * v.element_size() if v is not None else 0
+            site = (node.meta.get("custom") or {}).get("para_site")
+            found.append(Collective(node.target.__name__.split(".")[0], size, module_path(node), site))
     return found
+
+
+_SDPA = {torch.ops.aten.scaled_dot_product_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu}
+
+
+def graph_flops(gm: fx.GraphModule) -> int:
+    """FLOPs of a graph's matmuls, convolutions and attentions, from the static shapes on its nodes;
+    for an op with subgraphs (``torch.cond``), the costlier branch."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        branches = [getattr(gm, a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        branches = [b for b in branches if isinstance(b, fx.GraphModule)]
+        total += max(graph_flops(b) for b in branches) if branches else node_flops(node)
+    return total
+
+
+def node_flops(node: fx.Node) -> int:
+    packet = getattr(node.target, "overloadpacket", None)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    if packet in _SDPA:
+        return int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+    formula = flop_registry.get(packet)
+    if formula is None:
+        return 0
+    try:
+        return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
+    except Exception:  # an estimate for the report: a formula that cannot read this node's arguments counts 0
+        return 0

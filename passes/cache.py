@@ -1,0 +1,330 @@
+"""The First Block Cache pass: one ``torch.cond`` around the middle transformer blocks.
+
+Per step the first ``compute_first`` blocks (the *prefix*) always run. Their residual (output
+minus input) is compared with the previous step's by relative L1; the sums are all-reduced over
+every group the activations are split on, so all ranks take the same branch. Then a single
+``torch.ops.higher_order.cond`` either runs the middle blocks (the *region*) and returns their
+residual, or adds the residual stored from the last computed step. The last ``compute_last``
+blocks always run.
+
+The cache state is not held in the graph: it enters as extra inputs and leaves as extra
+outputs, so the runtime (:mod:`para_fx.cache`) owns it per call context, and under context
+parallelism each rank holds exactly its shard (the state has the activations' local shapes).
+
+Graph signature after the pass::
+
+    inputs:  *user_inputs, *prefix_state, *region_state, allow_skip, threshold
+    outputs: *user_outputs, *prefix_residuals, *region_residuals, diff, skipped
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import operator
+from typing import Callable
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.fx as fx
+
+from para_fx.report import Report
+
+from .blocks import Block, find_blocks
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """Shape, dtype and device of one cached tensor (this rank's shard)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """What the runtime needs to thread the state: counts and specs of the extra inputs/outputs."""
+
+    user_outputs: int
+    prefix_state: tuple[StateSpec, ...]
+    region_state: tuple[StateSpec, ...]
+
+
+@dataclasses.dataclass
+class CacheRegion:
+    """For the report: which blocks always run, which the cond may skip, what is cached."""
+
+    computed_first: list[str]
+    skippable: list[str]
+    computed_last: list[str]
+    streams: list[str]  # "region input -> region output" per cached residual
+
+    def __str__(self) -> str:
+        lines = [
+            f"  always computed first: {_names(self.computed_first)}",
+            f"  inside torch.cond (skipped on a cache hit): {_names(self.skippable)}",
+            f"  always computed last: {_names(self.computed_last)}",
+            "  cached residuals: " + ("; ".join(self.streams) or "(none)"),
+        ]
+        return "\n".join(lines)
+
+
+def _names(blocks: list[str]) -> str:
+    if len(blocks) <= 4:
+        return ", ".join(blocks) or "(none)"
+    return f"{blocks[0]}, {blocks[1]} ... {blocks[-1]} ({len(blocks)} blocks)"
+
+
+def insert_first_block_cache(
+    gm: fx.GraphModule, compute_first: int, compute_last: int, groups: list[str], report: Report
+) -> tuple[fx.GraphModule, CacheLayout] | None:
+    """Rewrite ``gm`` (an aten graph with ``meta["val"]``) to cache its middle blocks; None if it cannot."""
+    nodes = list(gm.graph.nodes)
+    blocks = find_blocks(gm.graph)
+    report.blocks = [b.name for b in blocks]
+    if len(blocks) < compute_first + compute_last + 1:
+        report.notes.append(
+            f"first block cache not applied: {len(blocks)} transformer blocks found in this graph, "
+            f"needs more than compute_first + compute_last = {compute_first + compute_last}"
+        )
+        return None
+    split = _split(nodes, blocks, compute_first, compute_last)
+    problem = split.problem()
+    if problem:
+        report.notes.append(f"first block cache not applied: {problem}")
+        return None
+
+    region_pairs = [(_residual_source(out, split.region, split.prefix_outputs), out) for out in split.outputs]
+    prefix_pairs = _decision_streams(split, nodes.index)
+    new_gm, layout = _rewrite(gm, split, region_pairs, prefix_pairs, groups)
+    report.cache = CacheRegion(
+        computed_first=[b.name for b in blocks[:compute_first]],
+        skippable=[b.name for b in blocks[compute_first : len(blocks) - compute_last]],
+        computed_last=[b.name for b in blocks[len(blocks) - compute_last :]],
+        streams=[f"{src.name if src else '(none: output cached as is)'} -> {out.name}" for src, out in region_pairs],
+    )
+    return new_gm, layout
+
+
+@dataclasses.dataclass
+class _Split:
+    prefix: set[fx.Node]  # nodes of the always-computed first blocks
+    region: list[fx.Node]  # nodes that move into the cond, in graph order
+    inputs: list[fx.Node]  # values the region reads from outside
+    outputs: list[fx.Node]  # region values read after it
+    prefix_inputs: set[fx.Node]  # values computed before the first block
+    insert_before: fx.Node  # the first node after the region
+
+    @property
+    def prefix_outputs(self) -> set[fx.Node]:
+        return {n for n in self.inputs if n in self.prefix}
+
+    def problem(self) -> str | None:
+        for node in self.inputs + self.outputs:
+            if not isinstance(node.meta.get("val"), torch.Tensor):
+                return f"value {node.name} crossing the cached region is not a tensor"
+        if not self.prefix_outputs:
+            return "the cached blocks do not read the first blocks' outputs"
+        if not self.outputs:
+            return "nothing after the cached blocks reads their result"
+        return None
+
+
+def _split(nodes: list[fx.Node], blocks: list[Block], compute_first: int, compute_last: int) -> _Split:
+    """Partition the graph: what the cond holds, what it reads, what reads it.
+
+    The region is every node between the prefix and the suffix blocks that depends on the
+    prefix, plus the nodes only the region uses (per-block modulation from the timestep, say),
+    so a skipped step computes none of them. Other nodes there are left in front of the cond.
+    """
+    start = blocks[compute_first - 1].last + 1
+    stop = blocks[len(blocks) - compute_last].first if compute_last else blocks[-1].last + 1
+    prefix = {n for n in nodes[blocks[0].first : start] if n.op == "call_function"}
+    span = [n for n in nodes[start:stop] if n.op == "call_function"]
+
+    depends: set[fx.Node] = set()
+    for node in span:
+        if any(arg in prefix or arg in depends for arg in node.all_input_nodes):
+            depends.add(node)
+    region = set(depends)
+    for node in reversed(span):
+        if node not in region and node.users and all(user in region for user in node.users):
+            region.add(node)
+
+    ordered = [n for n in span if n in region]
+    inputs = list(dict.fromkeys(arg for n in ordered for arg in n.all_input_nodes if arg not in region))
+    outputs = [n for n in ordered if any(user not in region for user in n.users)]
+    return _Split(
+        prefix=prefix,
+        region=ordered,
+        inputs=inputs,
+        outputs=outputs,
+        prefix_inputs=set(nodes[: blocks[0].first]),
+        insert_before=nodes[stop],
+    )
+
+
+def _residual_source(out: fx.Node, members, candidates: set[fx.Node]) -> fx.Node | None:
+    """The input whose residual stream leads to ``out``: same shape and dtype, nearest back.
+
+    First along nodes of ``out``'s own shape (a plain residual stream), then through any node
+    (streams that are concatenated and split inside blocks, like single-stream blocks).
+    """
+    want = (tuple(out.meta["val"].shape), out.meta["val"].dtype)
+    members = set(members)
+    same_shape = lambda n: isinstance(n.meta.get("val"), torch.Tensor) and (
+        tuple(n.meta["val"].shape),
+        n.meta["val"].dtype,
+    ) == want
+    for walk_only_same_shape in (True, False):
+        seen, queue = {out}, collections.deque([out])
+        while queue:
+            for arg in queue.popleft().all_input_nodes:
+                if arg in seen:
+                    continue
+                seen.add(arg)
+                if arg in candidates and same_shape(arg):
+                    return arg
+                if arg in members and (same_shape(arg) or not walk_only_same_shape):
+                    queue.append(arg)
+    return None
+
+
+def _decision_streams(split: _Split, position: Callable[[fx.Node], int]) -> list[tuple[fx.Node | None, fx.Node]]:
+    """(prefix input, prefix output) per floating stream the region reads; residual streams first."""
+    outputs = sorted(
+        (n for n in split.prefix_outputs if n.meta["val"].is_floating_point()),
+        key=position,
+    )
+    pairs = [(_residual_source(out, split.prefix, split.prefix_inputs), out) for out in outputs]
+    residual = [(src, out) for src, out in pairs if src is not None]
+    return residual or pairs
+
+
+def _rewrite(gm, split: _Split, region_pairs, prefix_pairs, groups):
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    region = set(split.region)
+    old_nodes = list(gm.graph.nodes)
+    last_placeholder = max(i for i, n in enumerate(old_nodes) if n.op == "placeholder")
+
+    prefix_state, region_state = [], []
+    allow = threshold = None
+    for i, node in enumerate(old_nodes):
+        if node is split.insert_before:
+            region_outs, region_residuals, prefix_residuals, diff, skipped = _emit_cond(
+                graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, allow, threshold, groups
+            )
+            env.update(zip(split.outputs, region_outs))
+        if node in region:
+            continue
+        if node.op == "output":
+            user = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+            extra = [*prefix_residuals, *region_residuals, diff, skipped]
+            graph.output(tuple(fx.map_arg(user, env.__getitem__)) + tuple(extra))
+            continue
+        env[node] = graph.node_copy(node, env.__getitem__)
+        if i == last_placeholder:
+            prefix_state = [_placeholder(graph, f"cache_prefix_{k}", out) for k, (_, out) in enumerate(prefix_pairs)]
+            region_state = [_placeholder(graph, f"cache_region_{k}", out) for k, (_, out) in enumerate(region_pairs)]
+            allow = graph.placeholder("cache_allow_skip")
+            threshold = graph.placeholder("cache_threshold")
+
+    new_gm = fx.GraphModule(gm, graph)
+    spec = lambda node: StateSpec(tuple(node.meta["val"].shape), node.meta["val"].dtype, node.meta["val"].device)
+    layout = CacheLayout(
+        user_outputs=len(user),
+        prefix_state=tuple(spec(out) for _, out in prefix_pairs),
+        region_state=tuple(spec(out) for _, out in region_pairs),
+    )
+    return new_gm, layout
+
+
+def _placeholder(graph: fx.Graph, name: str, like: fx.Node) -> fx.Node:
+    node = graph.placeholder(name)
+    node.meta["val"] = like.meta["val"]
+    node.meta.setdefault("_dynamo_source", None)
+    return node
+
+
+def _emit_cond(graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, allow, threshold, groups):
+    """The decision and the cond, in the main graph; returns the new nodes for what they replace."""
+    prefix_ins = [env[src] if src is not None else None for src, _ in prefix_pairs]
+    prefix_outs = [env[out] for _, out in prefix_pairs]
+    decision = graph.call_function(
+        decide, (prefix_outs, prefix_ins, list(prefix_state), allow, threshold, list(groups))
+    )
+    prefix_residuals = [graph.call_function(operator.getitem, (decision, k)) for k in range(len(prefix_pairs))]
+    diff = graph.call_function(operator.getitem, (decision, len(prefix_pairs)))
+    skipped = graph.call_function(operator.getitem, (decision, len(prefix_pairs) + 1))
+
+    operands = [env[n] for n in split.inputs] + list(region_state)
+    gm.cache_skip = _branch(split, region_pairs, compute=False)
+    gm.cache_compute = _branch(split, region_pairs, compute=True)
+    skip_fn = graph.get_attr("cache_skip")
+    compute_fn = graph.get_attr("cache_compute")
+    cond = graph.call_function(torch.ops.higher_order.cond, (skipped, skip_fn, compute_fn, tuple(operands)))
+    results = [graph.call_function(operator.getitem, (cond, k)) for k in range(2 * len(region_pairs))]
+    return results[: len(region_pairs)], results[len(region_pairs) :], prefix_residuals, diff, skipped
+
+
+def _branch(split: _Split, region_pairs, compute: bool) -> fx.GraphModule:
+    """One side of the cond: (*region inputs, *stored residuals) -> (*region outputs, *residuals).
+
+    Both sides must return dense tensors with equal strides, so views are copied out.
+    """
+    graph = fx.Graph()
+    env = {n: graph.placeholder(n.name) for n in split.inputs}
+    stored = [graph.placeholder(f"stored_{k}") for k in range(len(region_pairs))]
+    outs, residuals = [], []
+    if compute:
+        for node in split.region:
+            env[node] = graph.node_copy(node, env.__getitem__)
+        for src, out in region_pairs:
+            value = _dense(graph, env[out], out)
+            outs.append(value)
+            residuals.append(
+                graph.call_function(aten.sub.Tensor, (value, _dense(graph, env[src], src)))
+                if src is not None
+                else graph.call_function(aten.clone.default, (value,))
+            )
+    else:
+        for (src, _), kept in zip(region_pairs, stored):
+            outs.append(
+                graph.call_function(aten.add.Tensor, (_dense(graph, env[src], src), kept))
+                if src is not None
+                else graph.call_function(aten.clone.default, (kept,))
+            )
+            residuals.append(graph.call_function(aten.clone.default, (kept,)))
+    graph.output(tuple(outs + residuals))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _dense(graph: fx.Graph, value: fx.Node, like: fx.Node) -> fx.Node:
+    """``value`` itself if ``like`` has the strides of a fresh contiguous tensor, else such a copy."""
+    val = like.meta["val"]
+    fresh, stride = [], 1
+    for size in reversed(val.shape):
+        fresh.insert(0, stride)
+        stride *= size
+    if list(val.stride()) == fresh and val.storage_offset() == 0:
+        return value
+    return graph.call_function(aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
+
+
+def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
+    """This step's prefix residuals, the relative L1 change, and whether to skip (same on every rank)."""
+    residuals = [out - src if src is not None else out for out, src in zip(prefix_outs, prefix_ins)]
+    change = sum((r.float() - p.float()).abs().sum() for r, p in zip(residuals, previous))
+    scale = sum(p.float().abs().sum() for p in previous)
+    sums = torch.stack([change, scale])
+    for group in groups:
+        sums = funcol.all_reduce(sums, "sum", group)
+    diff = sums[0] / sums[1]
+    return (*residuals, diff, torch.logical_and(allow, diff < threshold))

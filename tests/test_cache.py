@@ -1,0 +1,233 @@
+"""First Block Cache: one graph with a torch.cond, the skip rules, and the same decisions on every rank."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dits
+import para_fx
+from para_fx import zoo
+from para_fx.launch import run_ranks
+
+FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
+TIMESTEP_SCALES = (1.0, 0.99, 0.6, 0.595, 0.3, 0.298)  # small and large changes between steps
+
+
+def first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def at_step(kwargs, step):
+    """The model's inputs at one step of a made-up trajectory: the timestep and the latent move."""
+    scale = TIMESTEP_SCALES[step]
+    latent = "hidden_states" if "hidden_states" in kwargs else "x"
+    return {**kwargs, "timestep": kwargs["timestep"] * scale, latent: kwargs[latent] * (0.5 + scale)}
+
+
+def compiled(model, cache=None, mesh=None, compiler="eager"):
+    torch._dynamo.reset()
+    return torch.compile(model, backend=para_fx.backend(mesh=mesh, cache=cache, compiler=compiler))
+
+
+def trajectory(fn, kwargs, steps):
+    with torch.no_grad():
+        return [first_tensor(fn(**at_step(kwargs, s))) for s in range(steps)]
+
+
+def cached_trajectory(model, kwargs, cache, steps, mesh=None, compiler="eager"):
+    fn = compiled(model, cache, mesh, compiler)
+    with para_fx.cache_session(fn):
+        outs = trajectory(fn, kwargs, steps)
+    return outs, para_fx.cache_stats(fn)
+
+
+def test_one_graph_with_a_cond_around_the_middle_blocks():
+    model, kwargs = zoo.flux()
+    report = para_fx.explain(model, kwargs=kwargs, cache=para_fx.FirstBlockCache())
+    assert report.graph_count == 1
+    assert "torch.ops.higher_order.cond" in report.graphs["cache"]
+    assert report.blocks == [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+        "single_transformer_blocks.1",
+    ]
+    assert report.cache.computed_first == ["transformer_blocks.0"]
+    assert report.cache.skippable == report.blocks[1:]
+    assert "torch.cond" in str(report)
+
+
+def test_compute_last_keeps_the_last_blocks_out_of_the_cond():
+    model, kwargs = dits.patch_dit(depth=4)
+    report = para_fx.explain(model, kwargs=kwargs, cache=para_fx.FirstBlockCache(compute_first=1, compute_last=1))
+    assert (report.cache.computed_first, report.cache.skippable, report.cache.computed_last) == (
+        ["blocks.0"],
+        ["blocks.1", "blocks.2"],
+        ["blocks.3"],
+    )
+    model, kwargs = dits.patch_dit(depth=2)
+    report = para_fx.explain(model, kwargs=kwargs, cache=para_fx.FirstBlockCache(compute_first=1, compute_last=1))
+    assert report.cache is None and "first block cache not applied" in report.notes[0]
+
+
+def test_threshold_zero_equals_the_uncached_model_at_every_step():
+    model, kwargs = dits.patch_dit()
+    expected = trajectory(compiled(model), kwargs, 4)
+    repeated = {**kwargs}  # a repeated step has a change of 0: threshold 0 must still compute it
+    outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=0), 4)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert (stats.steps, stats.computed, stats.skipped) == (4, 4, 0)
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=0))
+    with para_fx.cache_session(fn), torch.no_grad():
+        fn(**repeated), fn(**repeated)
+    assert para_fx.cache_stats(fn).diffs == [0.0] and para_fx.cache_stats(fn).skipped == 0
+
+
+def test_a_skipped_step_adds_the_stored_residual_to_the_first_block_output():
+    model, kwargs = dits.patch_dit(depth=3)
+    outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=1e9), 2)
+    assert (stats.computed, stats.skipped) == (1, 1)
+
+    seen = {}
+    record = lambda name: lambda module, args, out: seen.__setitem__(name, out)
+    first = model.blocks[0].register_forward_hook(record("first"))
+    last = model.blocks[-1].register_forward_hook(record("last"))
+    with torch.no_grad():
+        computed = model(**at_step(kwargs, 0))
+        residual = seen["last"] - seen["first"]
+        last.remove()
+        replace = model.blocks[-1].register_forward_hook(lambda module, args, out: seen["first"] + residual)
+        skipped = model(**at_step(kwargs, 1))
+        replace.remove()
+        first.remove()
+        full = model(**at_step(kwargs, 1))
+    torch.testing.assert_close(outs[0], computed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[1], skipped, rtol=0, atol=1e-5)
+    assert (outs[1] - full).abs().max() > 1e-3  # the skip did change the result
+
+
+@pytest.mark.parametrize(
+    "settings, pattern",
+    [
+        (dict(warmup_steps=2), "CCSSS"),
+        (dict(max_consecutive_skips=1), "CSCSC"),
+        (dict(max_consecutive_skips=2), "CSSCS"),
+        (dict(max_consecutive_skips=0), "CCCCC"),
+    ],
+)
+def test_warmup_and_consecutive_skip_cap(settings, pattern):
+    model, kwargs = dits.patch_dit()
+    _, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=1e9, **settings), 5)
+    assert (stats.computed, stats.skipped) == (pattern.count("C"), pattern.count("S"))
+    assert len(stats.diffs) == 4
+
+
+def test_a_session_starts_fresh_and_reports_itself():
+    model, kwargs = dits.patch_dit()
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9))
+    with para_fx.cache_session(fn), torch.no_grad():
+        first = [first_tensor(fn(**at_step(kwargs, s))) for s in (0, 1, 2)]
+    assert (para_fx.cache_stats(fn).computed, para_fx.cache_stats(fn).skipped) == (1, 2)
+    with para_fx.cache_session(fn), torch.no_grad():
+        again = first_tensor(fn(**at_step(kwargs, 2)))  # a new generation: computed, not skipped
+        assert para_fx.cache_stats(fn).steps == 1  # live count inside the session
+    stats = para_fx.cache_stats(fn)
+    assert (stats.steps, stats.computed, stats.skipped, stats.diffs) == (1, 1, 0, [])
+    with torch.no_grad():
+        torch.testing.assert_close(again, first_tensor(model(**at_step(kwargs, 2))), rtol=0, atol=1e-5)
+    assert (first[2] - again).abs().max() > 1e-3
+
+
+def test_call_contexts_keep_separate_state():
+    model, kwargs = dits.patch_dit()
+    other = {**kwargs, "pooled": -kwargs["pooled"]}  # say, the unconditional branch
+    with torch.no_grad():
+        expected = {"cond": first_tensor(model(**kwargs)), "uncond": first_tensor(model(**other))}
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9))
+    with para_fx.cache_session(fn), torch.no_grad():
+        for _ in range(2):
+            for name, inputs in (("cond", kwargs), ("uncond", other)):
+                with para_fx.cache_context(fn, name):
+                    out = first_tensor(fn(**inputs))
+                torch.testing.assert_close(out, expected[name], rtol=0, atol=1e-5)
+    stats = para_fx.cache_stats(fn)
+    assert (stats.computed, stats.skipped) == (2, 2)  # each context computes its first step
+
+
+def test_inductor_runs_the_cond():
+    model, kwargs = dits.patch_dit(depth=3)
+    cache = para_fx.FirstBlockCache(threshold=0.05)
+    reference, ref_stats = cached_trajectory(model, kwargs, cache, 4)
+    outs, stats = cached_trajectory(model, kwargs, cache, 4, compiler="inductor")
+    assert stats == ref_stats and stats.skipped >= 1
+    for out, ref in zip(outs, reference):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="compute_first"):
+        para_fx.FirstBlockCache(compute_first=0)
+    with pytest.raises(ValueError, match="threshold"):
+        para_fx.FirstBlockCache(threshold=-1)
+    with pytest.raises(TypeError, match="FirstBlockCache"):
+        para_fx.backend(cache=0.08)
+    with pytest.raises(ValueError, match="no First Block Cache"):
+        para_fx.cache_stats(torch.compile(torch.nn.Linear(2, 2), backend=para_fx.backend()))
+
+
+# --- the same decisions on every rank ------------------------------------------------------------
+
+MODELS = ("flux", "wan", "patch_dit")
+STEPS = 6
+
+
+def threshold_between_steps(diffs):
+    """A threshold halfway (in log space) across the widest gap of the observed changes, so that
+    rounding differences between 1 and N ranks cannot flip a decision."""
+    ordered = sorted(diffs)
+    low, high = max(zip(ordered, ordered[1:]), key=lambda pair: pair[1] / pair[0])
+    assert high / low > 1.5, f"no clear gap between the changes {ordered}"
+    return (low * high) ** 0.5
+
+
+def reference_runs():
+    """Single process: per model, the threshold that skips some steps, the outputs and the stats."""
+    runs = {}
+    for name in MODELS:
+        model, kwargs = FACTORIES[name](batch=2)
+        _, probe = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=0), STEPS)
+        threshold = threshold_between_steps(probe.diffs)
+        outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=threshold), STEPS)
+        assert 0 < stats.skipped < STEPS - 1, (name, probe.diffs, threshold)
+        runs[name] = (threshold, outs, stats)
+    return runs
+
+
+def ranks_cached(mesh_shape, thresholds):
+    torch.set_num_threads(1)
+    mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
+    results = {}
+    for name, threshold in thresholds.items():
+        model, kwargs = FACTORIES[name](batch=2)
+        outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=threshold), STEPS, mesh)
+        results[name] = (outs, stats, dist.get_rank())
+    return results
+
+
+@pytest.fixture(scope="module")
+def references():
+    return reference_runs()
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)], ids=str)
+def test_ranks_take_the_same_branch_as_one_process(references, mesh_shape):
+    world = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
+    thresholds = {name: threshold for name, (threshold, _, _) in references.items()}
+    per_rank = run_ranks(ranks_cached, world, mesh_shape, thresholds, timeout=600)
+    for name, (_, expected, expected_stats) in references.items():
+        for results in per_rank:
+            outs, stats, rank = results[name]
+            assert (stats.computed, stats.skipped) == (expected_stats.computed, expected_stats.skipped), (name, rank)
+            for out, ref in zip(outs, expected):
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")
