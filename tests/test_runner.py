@@ -1,0 +1,87 @@
+"""The persistent runner on 2 CPU ranks: results, remote errors, timeouts, a dead rank, clean shutdown."""
+
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from para_fx.runner import RankDied, RequestFailed, Runner
+
+
+def setup(rank, world_size):
+    torch.set_num_threads(1)
+    return {"rank": rank, "base": torch.tensor([10.0 * (rank + 1)])}
+
+
+def handle(state, op, *args):
+    """A tiny request language: each op exercises one behaviour of the runner."""
+    rank = state["rank"]
+    if op == "info":  # world size and a collective over the state every rank built in setup
+        total = state["base"].clone()
+        dist.all_reduce(total)
+        return rank, dist.get_world_size(), total
+    if op == "raise_on" and rank == args[0]:
+        raise ValueError(f"bad request on rank {rank}")
+    if op == "sleep":
+        time.sleep(args[0])
+    if op == "exit_on" and rank == args[0]:
+        os._exit(3)
+    return op, rank
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def runner():
+    with Runner(setup, handle, world_size=2, timeout=30, setup_timeout=120) as r:
+        yield r
+
+
+def test_returns_rank_zero_result_and_collective(runner):
+    rank, world, total = runner("info")
+    assert (rank, world) == (0, 2)
+    torch.testing.assert_close(total, torch.tensor([30.0]))
+    assert [r[0] for r in runner.submit_all("info")] == [0, 1]
+
+
+def test_error_on_rank_one_then_next_request_succeeds(runner):
+    with pytest.raises(RequestFailed, match="rank 1 raised") as info:
+        runner("raise_on", 1)
+    assert info.value.rank == 1
+    assert "ValueError: bad request on rank 1" in info.value.remote_traceback
+    assert 'in handle' in info.value.remote_traceback
+    assert runner("info")[2].item() == 30.0
+
+
+def test_timeout_then_next_request_gets_its_own_answer(runner):
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] within 0.5s"):
+        runner.request(("sleep", 2.0), timeout=0.5)
+    # The late answer to the timed-out request is dropped, not mistaken for this one's.
+    assert runner.request(("echo",), timeout=30) == ("echo", 0)
+
+
+def test_dead_rank_requires_restart_and_close_leaves_no_process(runner):
+    """Runs last: it ends by closing the shared runner."""
+    before = runner.pids
+    with pytest.raises(RankDied, match=r"rank 1 died \(exit code 3\)"):
+        runner("exit_on", 1)
+    with pytest.raises(RankDied, match="restart"):
+        runner("info")
+    assert not any(alive(p) for p in before)  # the surviving rank was stopped too
+    runner.restart()
+    assert runner("info")[1] == 2
+    pids = runner.pids
+    assert all(alive(p) for p in pids)
+    runner.close()
+    runner.close()  # idempotent
+    assert not any(alive(p) for p in pids)
+    assert not multiprocessing.active_children()
