@@ -1,15 +1,23 @@
-"""``para_fx.explain``: run a model once through the para backend and report what the passes did."""
+"""``para_fx.explain``: run a model once through the para backend and report what the passes did.
+
+``explain(model, kwargs=..., world_size=4, ulysses=2, ring=2)`` answers "what would happen on 4
+GPUs?" on a laptop: it simulates the mesh in this process with torch's fake process group (rank 0
+of 4, collectives that move nothing), so the passes see the same mesh and produce the same report
+as rank 0 of a real run. The sharded graph runs once on fake collectives: its outputs are
+meaningless, the report is what counts.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .backend import backend, recording
-from .mesh import init_mesh
+from .mesh import init_mesh, mesh_info
 from .report import Report
 
 
@@ -19,15 +27,80 @@ def explain(
     kwargs: dict[str, Any] | None = None,
     mesh: DeviceMesh | None = None,
     cache: Any = None,
+    *,
+    world_size: int | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    batch: int = 1,
+    rank: int = 0,
 ) -> Report:
     """Compile ``model`` with the para backend (graphs run as Python), call it once, return the report.
 
-    With a process group and no ``mesh``, the default mesh (all Ulysses) is used; every rank must
-    call ``explain`` together, and each reports what it does itself.
+    ``world_size`` (with ``ulysses``, ``ring``, ``batch`` as in :func:`para_fx.init_mesh`):
+    simulate that mesh in this process, as rank ``rank``; torch.distributed must not be
+    initialised. Otherwise, under a process group, every rank calls ``explain`` together with
+    ``mesh`` (or the degrees, or neither: all Ulysses), and each reports what it does itself.
     """
-    if mesh is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        mesh = init_mesh()
+    degrees = dict(ulysses=ulysses, ring=ring, batch=batch)
+    if world_size is not None:
+        if mesh is not None:
+            raise ValueError("explain: pass either mesh or world_size (to simulate a mesh), not both")
+        with simulated_mesh(world_size, rank=rank, device_type=_device_type(model), **degrees) as simulated:
+            return _explain(model, args, kwargs, simulated, cache)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if mesh is None and distributed:
+        mesh = init_mesh(**degrees)
+    elif mesh is None and any(d not in (None, 1) for d in degrees.values()):
+        raise ValueError(
+            f"explain({', '.join(f'{k}={v}' for k, v in degrees.items() if v not in (None, 1))}) without a "
+            "process group: pass world_size=... to simulate the mesh"
+        )
+    return _explain(model, args, kwargs, mesh, cache)
+
+
+def _explain(model, args, kwargs, mesh, cache) -> Report:
     compiled = torch.compile(model, backend=backend(mesh=mesh, cache=cache, compiler="eager"))
     with torch.no_grad(), recording() as report:
         compiled(*args, **(kwargs or {}))
+    if report.graph_count == 0:
+        raise RuntimeError(
+            "explain: Dynamo compiled no graph for this model (its recompile limit may be reached after "
+            "many compilations of the same code: call torch._dynamo.reset() first)"
+        )
+    report.world_size = mesh_info(mesh).world if mesh is not None else 1
     return report
+
+
+@contextlib.contextmanager
+def simulated_mesh(
+    world_size: int,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    batch: int = 1,
+    rank: int = 0,
+    device_type: str = "cpu",
+) -> Iterator[DeviceMesh]:
+    """A para-fx mesh of ``world_size`` ranks in this process, seen from ``rank``, on torch's fake
+    process group (collectives return at once and move nothing); torn down on exit."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"simulated_mesh: world_size must be a positive int, got {world_size!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"simulated_mesh: rank {rank} is not in [0, {world_size})")
+    if dist.is_initialized():
+        raise RuntimeError(
+            "explain(world_size=...) simulates a mesh and needs torch.distributed uninitialised; "
+            "under a process group, pass mesh=para_fx.init_mesh(...) instead"
+        )
+    # Importing this module registers the "fake" backend with torch.distributed.
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield init_mesh(ulysses=ulysses, ring=ring, batch=batch, device_type=device_type)
+    finally:
+        dist.destroy_process_group()
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    param = next(iter(model.parameters()), None)
+    return param.device.type if param is not None else "cpu"

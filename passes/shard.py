@@ -139,6 +139,7 @@ class _Builder:
         key = (node, want)
         if key not in self.moved:
             self.moved[key] = self._move(node, have, want, user)
+            _mark(self.moved[key], para_placement=str(want))
         return self.moved[key]
 
     def _move(self, node: fx.Node, have: Placement, want: Placement, user: fx.Node) -> fx.Node:
@@ -211,6 +212,7 @@ class _Builder:
             else:
                 self._apply(node, decide(node, self.pl, self.spec.group))
             self._maybe_start(node, demand)
+            _mark(self.env[node], para_placement=str(self.pl[node]))
         return fx.GraphModule(self.gm, self.graph)
 
     def _map(self, a):
@@ -307,6 +309,7 @@ class _Builder:
             node,
             dict(info=dataclasses.astuple(self.spec.info), q_layout=pq.layout, kv_layout=pk.layout, scale=scale),
         )
+        _mark(out, para_site=len(self.report.attention_sites))  # the site this call is about to be reported as
         out = self._restride(out, node, node)
         if n_out:  # the attention op returns a tuple; only its output (item 0) is used
             self.env[node] = self._call(_as_tuple, (out, n_out), node)
@@ -314,6 +317,11 @@ class _Builder:
         else:
             self.env[node] = out
             self.pl[node] = out_pl
+
+
+def _mark(node: fx.Node, **entries: object) -> None:
+    """Note on a node, for the reports, in the meta that re-tracing keeps (``custom``)."""
+    node.meta["custom"] = {**(node.meta.get("custom") or {}), **entries}
 
 
 def memory_order(t: torch.Tensor) -> tuple[int, ...]:

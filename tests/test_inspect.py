@@ -1,0 +1,199 @@
+"""Inspection: explain on a simulated mesh, graphs per pass (golden), dumps, diffs, the HTML page."""
+
+import inspect
+import shutil
+import subprocess
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dits
+import para_fx
+from para_fx.launch import run_ranks
+from para_fx.report import Report
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every explain compiles the same forward again: keep Dynamo's recompile limit out of the way."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_dit(batch=1):
+    """One block, 2 heads of 16, a 3x5 patch grid: 15 tokens, split unevenly (8/7) over 2 ranks."""
+    return dits.patch_dit(batch=batch, height=6, width=10, dim=32, num_heads=2, depth=1)
+
+
+class CumsumBlock(nn.Module):
+    """Self-attention, then a cumulative sum over the tokens: an op the shard pass cannot split."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, D)
+        return x + torch.cumsum(x, dim=1)  # CUMSUM_LINE
+
+
+class CumsumModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([CumsumBlock(), CumsumBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def cumsum_model():
+    torch.manual_seed(0)
+    return CumsumModel().eval(), {"x": torch.randn(1, 15, 32)}
+
+
+def attention_lines(report: Report, pass_name: str) -> str:
+    """What the attention module itself made (not its linear layers), one line per node; of the
+    context-parallel attention's internals, only the collectives."""
+    rows = report.passes()[pass_name].rows
+    return "\n".join(r.line() for r in rows if r.module == "blocks.0.attn" and (r.placement or r.collective or pass_name == "captured"))
+
+
+class TestGraphsPerPass(expecttest.TestCase):
+    def test_attention_graph_after_each_pass(self):
+        model, kwargs = tiny_dit(batch=2)
+        report = para_fx.explain(model, kwargs=kwargs, world_size=4, batch=2, ulysses=2)
+        self.assertEqual(list(report.graphs), ["captured", "shard_batch", "shard_seq"])
+        self.assertExpectedInline(attention_lines(report, "captured"), """\
+view_3 = aten.view(view_2, [2, 15, 3, 2, 16])  # f32[2, 15, 3, 2, 16]  blocks.0.attn
+permute = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 2, 2, 15, 16]  blocks.0.attn
+select = aten.select.int(permute, 0, 0)  # f32[2, 2, 15, 16]  blocks.0.attn
+select_1 = aten.select.int(permute, 0, 1)  # f32[2, 2, 15, 16]  blocks.0.attn
+select_2 = aten.select.int(permute, 0, 2)  # f32[2, 2, 15, 16]  blocks.0.attn
+_scaled_dot_product_flash_attention_for_cpu = aten._scaled_dot_product_flash_attention_for_cpu(select, select_1, select_2)  # (f32[2, 2, 15, 16], f32[2, 2, 15])  blocks.0.attn
+getitem_9 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[2, 2, 15, 16]  blocks.0.attn
+transpose_1 = aten.transpose.int(getitem_9, 1, 2)  # f32[2, 15, 2, 16]  blocks.0.attn
+view_4 = aten.view(transpose_1, [2, 15, 32])  # f32[2, 15, 32]  blocks.0.attn""")
+        self.assertExpectedInline(attention_lines(report, "shard_batch"), """\
+view_3 = aten.view(permute_1, [1, 15, 3, 2, 16])  # f32[1, 15, 3, 2, 16]  S(0)  blocks.0.attn
+permute_2 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 15, 16]  S(1)  blocks.0.attn
+select = aten.select.int(permute_2, 0, 0)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+select_1 = aten.select.int(permute_2, 0, 1)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+select_2 = aten.select.int(permute_2, 0, 2)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+_scaled_dot_product_flash_attention_for_cpu = aten._scaled_dot_product_flash_attention_for_cpu(select, select_1, select_2)  # (f32[1, 2, 15, 16], f32[1, 2, 15])  [S(0), S(0)]  blocks.0.attn
+getitem_9 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[1, 2, 15, 16]  [S(0), S(0)]  blocks.0.attn
+transpose_1 = aten.transpose.int(getitem_9, 1, 2)  # f32[1, 15, 2, 16]  S(0)  blocks.0.attn
+view_4 = aten.view(transpose_1, [1, 15, 32])  # f32[1, 15, 32]  S(0)  blocks.0.attn""")
+        self.assertExpectedInline(attention_lines(report, "shard_seq"), """\
+view_3 = aten.view(permute_3, [1, 8, 3, 2, 16])  # f32[1, 8, 3, 2, 16]  S(1)  blocks.0.attn
+permute_4 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 8, 16]  S(3)  blocks.0.attn
+select = aten.select.int(permute_4, 0, 0)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+select_1 = aten.select.int(permute_4, 0, 1)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+select_2 = aten.select.int(permute_4, 0, 2)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+all_to_all_single = _c10d_functional.all_to_all_single(clone_1, [1, 1], [1, 1], 7)  # f32[2, 1, 1, 8, 16]  blocks.0.attn
+all_to_all_single_1 = _c10d_functional.all_to_all_single(clone_2, [1, 1], [1, 1], 7)  # f32[2, 2, 1, 1, 8, 16]  blocks.0.attn
+all_to_all_single_2 = _c10d_functional.all_to_all_single(stack_1, [1, 1], [1, 1], 7)  # f32[2, 1, 1, 8, 16]  blocks.0.attn
+transpose_1 = aten.transpose.int(permute_9, 1, 2)  # f32[1, 8, 2, 16]  S(1)  blocks.0.attn
+view_7 = aten.view(transpose_1, [1, 8, 32])  # f32[1, 8, 32]  S(1)  blocks.0.attn""")
+
+
+def test_report_sites_fallbacks_collectives_and_summary():
+    model, kwargs = cumsum_model()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    assert report.blocks == ["blocks.0", "blocks.1"]
+    assert [(s.module, s.strategy, s.local_query_len, s.global_query_len) for s in report.attention_sites] == [
+        ("blocks.0", "ulysses", 8, 15),
+        ("blocks.1", "ulysses", 8, 15),
+    ]
+    line = next(i for i, text in enumerate(inspect.getsource(CumsumBlock).splitlines()) if "CUMSUM_LINE" in text)
+    source = f"{__file__}:{inspect.getsourcelines(CumsumBlock)[1] + line}  return x + torch.cumsum(x, dim=1)  # CUMSUM_LINE"
+    assert [(f.module, f.op, f.source) for f in report.fallbacks] == [
+        ("blocks.0", "aten.cumsum.default", source),
+        ("blocks.1", "aten.cumsum.default", source),
+    ]
+    assert "no sharding rule" in report.fallbacks[0].reason
+    kinds = [(c.kind, c.module, c.site) for c in report.collectives]
+    # each attention: all-to-alls of q, of k and v together, of the output; each cumsum gathers its input
+    assert kinds.count(("all_to_all_single", "blocks.0", 0)) == 3
+    assert kinds.count(("all_to_all_single", "blocks.1", 1)) == 3
+    assert ("all_gather_into_tensor", "blocks.0", None) in kinds
+    text = str(report)
+    assert "all_to_all_single x3" in text
+    assert "aten.cumsum.default" in text and "CUMSUM_LINE" in text
+    assert "FLOPs sharded (estimate)" in text and "over 2 ranks" in text
+
+
+def test_dump_dir_writes_every_pass_and_diffs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARA_FX_DUMP_DIR", str(tmp_path))
+    model, kwargs = tiny_dit()
+    para_fx.explain(model, kwargs=kwargs, world_size=2, ring=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["rank0"]  # the simulated rank, as on a real mesh
+    tmp_path = tmp_path / "rank0"
+    files = sorted(p.name for p in tmp_path.iterdir())
+    graph = files[0].split(".")[0]
+    assert files == [f"{graph}.0.captured.py", f"{graph}.1.shard_seq.diff", f"{graph}.1.shard_seq.py"]
+    code = (tmp_path / f"{graph}.1.shard_seq.py").read_text()
+    assert "_c10d_functional.all_to_all_single(" in code and "S(1)" in code
+    diff = (tmp_path / f"{graph}.1.shard_seq.diff").read_text()
+    assert diff.startswith(f"--- {graph} captured\n+++ {graph} shard_seq\n")
+    assert "+_c10d_functional.all_to_all_single" in diff
+    assert "-aten.addmm  f32[15, 96]  blocks.0.attn.qkv" in diff and "+aten.addmm  f32[8, 96]  blocks.0.attn.qkv" in diff
+
+
+def test_first_block_cache_section():
+    model, kwargs = dits.patch_dit(height=6, width=10, dim=32, num_heads=2, depth=2, batch=1)
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2, cache=para_fx.FirstBlockCache(0.08))
+    assert report.cache is not None
+    assert list(report.graphs) == ["captured", "shard_seq", "cache"]
+    assert "first block cache (one torch.cond per step):" in str(report)
+
+
+def test_html_is_self_contained(tmp_path):
+    model, kwargs = cumsum_model()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    path = tmp_path / "report.html"
+    report.save_html(str(path))
+    page = path.read_text()
+    for needle in ("<h2>attention sites (2)</h2>", "aten.cumsum.default", 'class="coll"', 'class="ps"', "diff from captured"):
+        assert needle in page
+    for external in ("src=", "href=", "<script", "@import", "url("):
+        assert external not in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (manual check: chromium --headless --dump-dom report.html)")
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<h2>fallbacks (2)</h2>" in dom.stdout and "all_to_all_single" in dom.stdout
+
+
+def real_mesh_report():
+    model, kwargs = tiny_dit()
+    report = para_fx.explain(model, kwargs=kwargs, mesh=para_fx.init_mesh(ulysses=2, ring=2))
+    return str(report), report.graph_text("shard_seq")
+
+
+def test_simulated_mesh_matches_four_real_ranks():
+    model, kwargs = tiny_dit()
+    simulated = para_fx.explain(model, kwargs=kwargs, world_size=4, ulysses=2, ring=2)
+    assert not torch.distributed.is_initialized()  # the fake process group was torn down
+    text, graph = run_ranks(real_mesh_report, 4, timeout=300)[0]
+    assert str(simulated) == text
+    assert "hybrid" in text
+    assert simulated.graph_text("shard_seq") == graph
+
+
+def test_explain_asks_for_world_size_without_process_group():
+    model, kwargs = tiny_dit()
+    with pytest.raises(ValueError, match="world_size"):
+        para_fx.explain(model, kwargs=kwargs, ulysses=2)
