@@ -61,10 +61,10 @@ def node_rows(gm: fx.GraphModule) -> list[NodeRow]:
     rows = []
     for node in gm.graph.nodes:
         if node.op == "output":
-            rows.append(NodeRow("return", "output", _args(node.args[0]), "", "", "", False))
+            rows.append(NodeRow("return", "output", _arg(node.args[0]), "", "", "", False))
             continue
         op = node.op if node.op in ("placeholder", "get_attr") else op_name(node.target)
-        args = str(node.target) if node.op == "get_attr" else _args((*node.args, *(f"{k}={_arg(v)}" for k, v in node.kwargs.items())))
+        args = str(node.target) if node.op == "get_attr" else _args(node.args, node.kwargs)
         placement = (node.meta.get("custom") or {}).get("para_placement", "")
         rows.append(NodeRow(node.name, op, args, value_text(node.meta.get("val")), placement, module_path(node), is_collective(node)))
     return rows
@@ -132,8 +132,8 @@ def value_text(v) -> str:
     return "" if v is None else type(v).__name__
 
 
-def _args(args) -> str:
-    return ", ".join(_arg(a) for a in args) if isinstance(args, (tuple, list)) else _arg(args)
+def _args(args: tuple, kwargs: dict) -> str:
+    return ", ".join([*(_arg(a) for a in args), *(f"{k}={_arg(v)}" for k, v in kwargs.items())])
 
 
 def _arg(a) -> str:
@@ -142,8 +142,6 @@ def _arg(a) -> str:
     if isinstance(a, (tuple, list)):
         inner = ", ".join(_arg(x) for x in a)
         return f"({inner},)" if isinstance(a, tuple) and len(a) == 1 else f"({inner})" if isinstance(a, tuple) else f"[{inner}]"
-    if isinstance(a, str):
-        return a  # keyword arguments arrive pre-rendered
     return repr(a)
 
 

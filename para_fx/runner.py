@@ -1,7 +1,7 @@
 """A persistent group of ranks for serving: set up once, then answer requests.
 
 ``Runner(setup, handle, world_size)`` spawns ``world_size`` processes, each in one process group
-(NCCL with one GPU per rank when CUDA has enough GPUs, gloo otherwise). Every rank builds its
+(NCCL with one GPU per rank when CUDA is available, gloo otherwise). Every rank builds its
 state once with ``setup(rank, world_size)`` (load and compile a pipeline, say); then every request
 goes to all ranks, which run ``handle(state, *args, **kwargs)`` together (SPMD), and rank 0's
 result comes back. A request never hangs the caller: an exception on a rank is raised here with
@@ -54,7 +54,8 @@ class Runner:
     """``world_size`` ranks that set up once and then serve every request together.
 
     ``timeout``: seconds a request may take (``request(..., timeout=)`` overrides it);
-    ``setup_timeout``: seconds ``setup`` may take. Use as a context manager, or call ``close()``;
+    ``setup_timeout``: seconds ``setup`` may take; ``backend``: "nccl" (the default with CUDA: rank
+    r uses GPU r) or "gloo" (the default without). Use as a context manager, or call ``close()``;
     a runner still open at interpreter exit is closed then.
     """
 
@@ -72,7 +73,12 @@ class Runner:
             raise ValueError(f"Runner: world_size must be a positive int, got {world_size!r}")
         self.setup, self.handle, self.world_size = setup, handle, world_size
         self.timeout, self.setup_timeout = timeout, setup_timeout
-        self.backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if backend is None and 0 < gpus < world_size:
+            raise ValueError(
+                f"Runner: {world_size} ranks but {gpus} GPUs (one GPU per rank); pass backend='gloo' to run on the CPU"
+            )
+        self.backend = backend or ("nccl" if gpus else "gloo")
         self._ids = itertools.count()
         self._procs: list[mp.Process] = []
         self._broken: str | None = None

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.distributed._functional_collectives as funcol
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx as fx
 
 from para_fx.report import Report
@@ -264,7 +265,7 @@ def _emit_cond(graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, 
     diff = graph.call_function(operator.getitem, (decision, len(prefix_pairs)))
     skipped = graph.call_function(operator.getitem, (decision, len(prefix_pairs) + 1))
 
-    operands = [env[n] for n in split.inputs] + list(region_state)
+    operands = [_fixed_layout(graph, env[n], n) for n in split.inputs] + list(region_state)
     gm.cache_skip = _branch(split, region_pairs, compute=False)
     gm.cache_compute = _branch(split, region_pairs, compute=True)
     skip_fn = graph.get_attr("cache_skip")
@@ -309,18 +310,37 @@ def _branch(split: _Split, region_pairs, compute: bool) -> fx.GraphModule:
 def _dense(graph: fx.Graph, value: fx.Node, like: fx.Node) -> fx.Node:
     """``value`` itself if ``like`` has the strides of a fresh contiguous tensor, else such a copy."""
     val = like.meta["val"]
-    fresh, stride = [], 1
-    for size in reversed(val.shape):
-        fresh.insert(0, stride)
-        stride *= size
-    if list(val.stride()) == fresh and val.storage_offset() == 0:
+    if list(val.stride()) == _contiguous_strides(val.shape) and val.storage_offset() == 0:
         return value
     return graph.call_function(aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
 
 
+def _fixed_layout(graph: fx.Graph, value: fx.Node, like: fx.Node) -> fx.Node:
+    """A cond operand whose strides Inductor must honour.
+
+    Inductor compiles each branch for the strides of its operands' fake values but may lay an
+    intermediate buffer out otherwise; forcing the contiguous order pins both (a copy only where
+    the value is not already laid out so). Graph inputs already arrive with their strides.
+    """
+    if like.op == "placeholder":
+        return value
+    return graph.call_function(
+        torch.ops.prims.inductor_force_stride_order.default, (value, _contiguous_strides(like.meta["val"].shape))
+    )
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.insert(0, stride)
+        stride *= size
+    return strides
+
+
 def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
     """This step's prefix residuals, the relative L1 change, and whether to skip (same on every rank)."""
-    residuals = [out - src if src is not None else out for out, src in zip(prefix_outs, prefix_ins)]
+    # contiguous: the residuals come back as the next step's state inputs, whose strides must not vary
+    residuals = [(out - src if src is not None else out).contiguous() for out, src in zip(prefix_outs, prefix_ins)]
     change = sum((r.float() - p.float()).abs().sum() for r, p in zip(residuals, previous))
     scale = sum(p.float().abs().sum() for p in previous)
     sums = torch.stack([change, scale])

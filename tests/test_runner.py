@@ -42,7 +42,7 @@ def alive(pid):
 
 @pytest.fixture(scope="module")
 def runner():
-    with Runner(setup, handle, world_size=2, timeout=30, setup_timeout=120) as r:
+    with Runner(setup, handle, world_size=2, timeout=30, setup_timeout=120, backend="gloo") as r:
         yield r
 
 
