@@ -1,0 +1,353 @@
+"""Run a VAE's layers exactly on height chunks: the parallel region behind ``parallelize_vae``.
+
+Inside a region every image/video activation is split along its height (dim -2 of a
+channels-first 4-D or 5-D tensor) into contiguous, possibly uneven chunks, chunk r on rank r.
+Pointwise layers, channel mixing and upsampling by whole factors are exact on such chunks as
+they are. The layers that mix rows are made exact by a torch-function mode that sees every call:
+
+- convolution: each rank receives from the other ranks the rows its window needs (a halo,
+  kernel/stride/dilation aware, one ``all_to_all``), pads only at the global borders, and keeps
+  the outputs whose window centre lies in its rows, so strided convs stay exact for any split;
+- ``F.pad``: pads the height only at the global top (rank 0) and bottom (last rank);
+- group norm: per-group count, mean and M2 of every rank combined in float64 (Chan's formula);
+- attention: key/value all-gathered over the ranks when the tokens are spatial, left alone when
+  the sequence is time at one pixel; which one applies is set by the module that calls it;
+- nearest interpolation: checked to scale the height by a whole factor; other row-mixing ops
+  raise, so an unsupported layer is an error, never a silently wrong image.
+
+Collectives need every rank's chunk size. A rank reads them once per (layer, input geometry)
+with one small all-gather and caches them: repeated calls (per-frame video decoding) then run
+without any host synchronisation beyond the data exchanges themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+SPATIAL = "spatial"  # attention over the tokens of an image or a frame: keys/values are gathered
+LOCAL = "local"  # attention whose sequence does not contain the height: nothing to exchange
+
+
+def height_dim(x: torch.Tensor) -> int:
+    """The split dimension of a channels-first image or video activation."""
+    return x.ndim - 2
+
+
+@dataclasses.dataclass
+class Region:
+    """One parallel call of an encoder or decoder: the group, this rank, and cached geometry."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    geometry: dict  # (site, occurrence) -> every rank's chunk size, shared by calls of one signature
+    occurrences: dict = dataclasses.field(default_factory=dict)
+    attention: list = dataclasses.field(default_factory=list)  # stack of (policy, module id, [calls])
+    suspended: int = 0  # > 0 while a module runs replicated on full tensors
+
+    def sizes(self, site: Any, local: int, device: torch.device) -> list[int]:
+        """Every rank's size along the split dim at this call site (all-gathered once, then cached)."""
+        occurrence = self.occurrences.get(site, 0)
+        self.occurrences[site] = occurrence + 1
+        key = (site, occurrence)
+        cached = self.geometry.get(key)
+        if cached is None:
+            mine = torch.tensor([local], dtype=torch.int64, device=device)
+            parts = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(parts, mine, group=self.group)
+            cached = self.geometry[key] = [int(p.item()) for p in parts]
+        if cached[self.rank] != local:
+            raise RuntimeError(
+                f"parallel VAE: a layer saw {local} rows on rank {self.rank} where an earlier call with "
+                f"the same input shape saw {cached[self.rank]}; the model changes resolution per call, "
+                "which the split does not support"
+            )
+        if min(cached) == 0:
+            raise RuntimeError(
+                f"parallel VAE: the split left a rank without rows (chunk sizes {cached}); "
+                "use a larger input or fewer ranks"
+            )
+        return cached
+
+    @contextlib.contextmanager
+    def replicated(self) -> Iterator[None]:
+        """Run plain single-device code (on gathered, full tensors) inside the region."""
+        self.suspended += 1
+        try:
+            yield
+        finally:
+            self.suspended -= 1
+
+
+def offsets(sizes: list[int]) -> list[int]:
+    out = [0]
+    for size in sizes:
+        out.append(out[-1] + size)
+    return out
+
+
+def all_gather_rows(x: torch.Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """The full tensor, contiguous, from every rank's chunk along ``dim`` (chunks may be uneven)."""
+    longest = max(sizes)
+    moved = x.movedim(dim, 0)
+    if moved.shape[0] < longest:
+        moved = torch.cat([moved, moved.new_zeros(longest - moved.shape[0], *moved.shape[1:])])
+    moved = moved.contiguous()
+    parts = [torch.empty_like(moved) for _ in sizes]
+    dist.all_gather(parts, moved, group=group)
+    shape = list(x.shape)
+    shape[dim] = sum(sizes)
+    full = x.new_empty(shape)
+    for start, part, size in zip(offsets(sizes), parts, sizes):
+        full.narrow(dim, start, size).copy_(part[:size].movedim(0, dim))
+    return full
+
+
+def _exchange_rows(
+    x: torch.Tensor, dim: int, send: list[tuple[int, int]], recv: list[int], group: dist.ProcessGroup
+) -> list[torch.Tensor]:
+    """Send rows ``[start, stop)`` of ``x`` to each rank; return the rows received from each rank."""
+    moved = x.movedim(dim, 0)
+    pieces = [moved[start:stop] for start, stop in send]
+    payload = torch.cat(pieces).contiguous()
+    received = moved.new_empty(sum(recv), *moved.shape[1:])
+    dist.all_to_all_single(received, payload, recv, [stop - start for start, stop in send], group=group)
+    return [part.movedim(0, dim) for part in received.split(recv)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _padding_pair(padding: Any, kernel: int, dilation: int, index: int) -> tuple[int, int]:
+    """(before, after) padding of one spatial dim of a conv's ``padding`` argument."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        total = dilation * (kernel - 1)
+        return total // 2, total - total // 2
+    value = padding if isinstance(padding, int) else padding[index]
+    return value, value
+
+
+def _halo_conv(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    bound = _bind(func, args, kwargs)
+    x, weight = bound["input"], bound["weight"]
+    spatial = weight.ndim - 2
+    dim, axis = height_dim(x), spatial - 2  # the height in the input, and among the spatial dims
+    as_tuple = lambda v: (v,) * spatial if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride, dilation = as_tuple(bound.get("stride", 1)), as_tuple(bound.get("dilation", 1))
+    padding = bound.get("padding", 0)
+    pads = [_padding_pair(padding, weight.shape[2 + i], dilation[i], i) for i in range(spatial)]
+    if any(before != after for before, after in pads):
+        raise NotImplementedError(f"parallel VAE: asymmetric conv padding {padding!r} is not supported")
+    kernel, step, spread, top = weight.shape[-2], stride[axis], dilation[axis], pads[axis][0]
+    if kernel == 1 and step == 1 and top == 0:
+        return func(*args, **kwargs)  # no row mixing: every rank's chunk maps to itself
+
+    sizes = region.sizes(("conv", id(weight)), x.shape[dim], x.device)
+    starts, length = offsets(sizes), sum(sizes)
+    reach = spread * (kernel - 1)
+    out_length = (length + 2 * top - reach - 1) // step + 1
+    centre = spread * ((kernel - 1) // 2)
+    # output o belongs to the rank holding input row o*step - top + centre (its window centre)
+    firsts = [0] + [min(out_length, max(0, _ceil_div(starts[r] + top - centre, step))) for r in range(1, region.world)]
+    firsts.append(out_length)
+    needs = [(firsts[r] * step - top, (firsts[r + 1] - 1) * step - top + reach + 1) for r in range(region.world)]
+    if any(firsts[r + 1] <= firsts[r] for r in range(region.world)):
+        raise RuntimeError(
+            f"parallel VAE: a strided conv leaves a rank without output rows (input chunks {sizes}); "
+            "use a larger input or fewer ranks"
+        )
+
+    me = region.rank
+    overlap = lambda lo, hi, r: (max(lo, starts[r]), min(hi, starts[r + 1]))  # noqa: E731
+    send = []
+    for r in range(region.world):
+        lo, hi = overlap(*needs[r], me)
+        send.append((lo - starts[me], hi - starts[me]) if r != me and lo < hi else (0, 0))
+    recv = []
+    for q in range(region.world):
+        lo, hi = overlap(*needs[me], q)
+        recv.append(hi - lo if q != me and lo < hi else 0)
+    exchanges = any(
+        overlap(*needs[r], q)[0] < overlap(*needs[r], q)[1] for r in range(region.world) for q in range(region.world) if q != r
+    )
+    received = _exchange_rows(x, dim, send, recv, region.group) if exchanges else None
+
+    lo, hi = needs[me]
+    pieces = []
+    if lo < 0:
+        pieces.append(x.new_zeros(*x.shape[:dim], -lo, *x.shape[dim + 1 :]))
+    for q in range(region.world):
+        a, b = overlap(lo, hi, q)
+        if a < b:
+            pieces.append(x.narrow(dim, a - starts[me], b - a) if q == me else received[q])
+    if hi > length:
+        pieces.append(x.new_zeros(*x.shape[:dim], hi - length, *x.shape[dim + 1 :]))
+    window = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+    new_padding = [before for before, _ in pads]
+    new_padding[axis] = 0
+    bound["input"], bound["padding"] = window, tuple(new_padding)
+    return func(**bound)
+
+
+def _border_pad(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    bound = _bind(func, args, kwargs)
+    x, pad, mode = bound["input"], list(bound["pad"]), bound.get("mode", "constant")
+    if len(pad) < 4 or (pad[2] == 0 and pad[3] == 0):
+        return func(*args, **kwargs)
+    if x.ndim not in (4, 5):
+        raise NotImplementedError(f"parallel VAE: padding dim -2 of a {x.ndim}-D tensor (its split dim is unknown)")
+    if pad[2] < 0 or pad[3] < 0:
+        raise NotImplementedError("parallel VAE: cropping the height with a negative pad is not supported")
+    if mode == "circular":
+        raise NotImplementedError("parallel VAE: circular padding of the height is not supported")
+    if mode == "reflect" and x.shape[-2] <= max(pad[2], pad[3]):
+        raise NotImplementedError("parallel VAE: reflect padding needs more rows per rank than the pad width")
+    if region.rank != 0:
+        pad[2] = 0
+    if region.rank != region.world - 1:
+        pad[3] = 0
+    bound["pad"] = pad
+    return func(**bound)
+
+
+def _group_norm(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Normalise with local statistics (one fused pass), then correct every group to the global ones."""
+    bound = _bind(func, args, kwargs)
+    x, groups, eps = bound["input"], bound["num_groups"], bound.get("eps", 1e-5)
+    weight, bias = bound.get("weight"), bound.get("bias")
+    batch, channels = x.shape[:2]
+    per_group = x.numel() // (batch * groups)
+    out, mean, rstd = torch.ops.aten.native_group_norm(
+        x.contiguous(), None, None, batch, channels, x.numel() // (batch * channels), groups, eps
+    )
+    out = out.contiguous()
+    mean, var = mean.double(), rstd.double().pow(-2) - eps  # [batch, groups], float32 from the kernel
+    local = torch.stack([torch.full_like(mean, per_group), mean, var * per_group])
+    parts = [torch.empty_like(local) for _ in range(region.world)]
+    dist.all_gather(parts, local, group=region.group)
+    counts, means, m2s = torch.stack(parts).unbind(1)  # each [world, batch, groups]
+    total = counts.sum(0)
+    global_mean = (counts * means).sum(0) / total
+    global_std = ((m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)) / total + eps).sqrt()
+    # out = (x - mean) * rstd locally; globally (x - global_mean) / global_std = out * scale + shift
+    scale = 1 / (rstd.double() * global_std)
+    shift = (mean - global_mean) / global_std
+    grouped = out.view(batch, groups, -1)
+    grouped.mul_(scale.to(torch.float32)[..., None]).add_(shift.to(torch.float32)[..., None])
+    by_channel = out.view(batch, channels, -1)
+    if weight is not None:
+        by_channel.mul_(weight[:, None])
+    if bias is not None:
+        by_channel.add_(bias[:, None])
+    return out
+
+
+def _nearest_interpolate(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = func(*args, **kwargs)
+    bound = _bind(func, args, kwargs)
+    x, mode = bound["input"], bound.get("mode", "nearest")
+    rows_in, rows_out = x.shape[-2], out.shape[-2]
+    if x.ndim >= 4 and rows_in != rows_out and (mode not in ("nearest", "nearest-exact") or rows_out % rows_in):
+        raise NotImplementedError(
+            f"parallel VAE: interpolate(mode={mode!r}) from {rows_in} to {rows_out} rows mixes rows across "
+            "ranks; only nearest upsampling by a whole factor is exact on chunks"
+        )
+    if x.ndim == 3 and out.shape[-1] != x.shape[-1]:
+        raise NotImplementedError("parallel VAE: interpolating a 3-D tensor (its split dim is unknown)")
+    return out
+
+
+def _attention(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    if not region.attention:
+        raise NotImplementedError(
+            "parallel VAE: scaled_dot_product_attention called by a module whose token layout is unknown; "
+            "add its class to the token-layout table in para_fx.adapters.vae"
+        )
+    policy, site, calls = region.attention[-1]
+    calls[0] += 1
+    if policy == LOCAL:
+        return func(*args, **kwargs)
+    bound = _bind(func, args, kwargs)
+    if bound.get("attn_mask") is not None or bound.get("is_causal", False):
+        raise NotImplementedError("parallel VAE: a masked or causal attention over spatial tokens is not supported")
+    key, value = bound["key"], bound["value"]
+    sizes = region.sizes(("attention", site), key.shape[-2], key.device)
+    bound["key"] = all_gather_rows(key, key.ndim - 2, sizes, region.group)
+    bound["value"] = all_gather_rows(value, value.ndim - 2, sizes, region.group)
+    return func(**bound)
+
+
+def _refuse(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    raise NotImplementedError(
+        f"parallel VAE: {getattr(func, '__name__', func)} mixes rows across the height split and has no "
+        "exact chunked form here; decode on one device (do not call parallelize_vae) for this model"
+    )
+
+
+_SIGNATURES: dict = {}
+
+
+def _bind(func: Callable, args: tuple, kwargs: dict) -> dict:
+    """Arguments by name (torch builtins have no Python signature: a table gives their names)."""
+    names = _SIGNATURES[func]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _python_parameters(func: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(func).parameters)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_HANDLERS: dict = {}
+for _func, _names, _handler in [
+    (F.conv2d, _CONV_ARGS, _halo_conv),
+    (F.conv3d, _CONV_ARGS, _halo_conv),
+    (F.pad, _python_parameters(F.pad), _border_pad),
+    (torch._C._nn.pad, ("input", "pad", "mode", "value"), _border_pad),
+    (F.group_norm, _python_parameters(F.group_norm), _group_norm),
+    (torch.group_norm, ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"), _group_norm),
+    (F.interpolate, _python_parameters(F.interpolate), _nearest_interpolate),
+    (
+        F.scaled_dot_product_attention,
+        ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+        _attention,
+    ),
+]:
+    _SIGNATURES[_func] = _names
+    _HANDLERS[_func] = _handler
+for _func in (
+    F.conv1d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.avg_pool2d, F.avg_pool3d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.unfold, F.fold, F.pixel_unshuffle, F.grid_sample,
+):  # fmt: skip
+    _HANDLERS[_func] = _refuse
+
+
+class RegionMode(TorchFunctionMode):
+    """Routes the row-mixing torch functions of a region to their exact chunked forms."""
+
+    def __init__(self, region: Region):
+        super().__init__()
+        self.region = region
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None or self.region.suspended:
+            return func(*args, **kwargs)
+        return handler(self.region, func, args, kwargs)

@@ -1,0 +1,239 @@
+"""parallelize_vae on 2 and 4 gloo ranks: tiny random diffusers VAEs against one process.
+
+One spawn per world size runs every case; the tests read its results. Latent and image heights
+do not divide by the world size, so chunks are uneven.
+"""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from para_fx.launch import run_ranks
+
+TOLERANCE = 1e-4
+
+
+def tiny_vae(kind: str) -> nn.Module:
+    """A small randomly initialised VAE of the real diffusers class (seeded: equal on every rank)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    if kind == "kl":
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        )  # fmt: skip
+    elif kind == "hunyuan_video":
+        vae = diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 16), layers_per_block=1,
+            norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4,
+        )  # fmt: skip
+    elif kind == "wan":
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 2], num_res_blocks=1, temperal_downsample=[False, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        )  # fmt: skip
+    elif kind == "wan2.2":  # residual blocks with pixel-shuffle shortcuts, patchified input
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        )  # fmt: skip
+    elif kind == "cogvideox":
+        vae = diffusers.AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
+            block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        )  # fmt: skip
+    elif kind == "mochi":  # its group norms have 32 groups
+        vae = diffusers.AutoencoderKLMochi(
+            latent_channels=4, encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32),
+            layers_per_block=(1, 1, 1), temporal_expansions=(2,), spatial_expansions=(2,),
+            add_attention_block=(False, True, True),
+        )  # fmt: skip
+    return vae.eval()
+
+
+# kind -> (image or video to encode, latent to decode); heights 7 and 22 split unevenly over 2 and 4
+CASES = {
+    "kl": ((1, 3, 22, 10), (2, 4, 7, 6)),
+    "hunyuan_video": ((1, 3, 5, 22, 12), (1, 4, 6, 7, 5)),  # 6 latent frames: frame-wise decoding
+    "wan": ((1, 3, 5, 22, 12), (1, 4, 3, 7, 5)),  # frame-by-frame with the feature cache
+    "wan2.2": ((1, 3, 5, 32, 16), (1, 4, 3, 7, 5)),
+    "cogvideox": ((1, 3, 5, 22, 12), (1, 4, 5, 7, 5)),  # 5 latent frames: two batches, conv cache
+    "mochi": ((1, 3, 5, 22, 12), (1, 4, 3, 7, 5)),
+}
+
+
+def make_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {kind: (torch.randn(image, generator=g), torch.randn(latent, generator=g)) for kind, (image, latent) in CASES.items()}
+
+
+def encode_decode(vae: nn.Module, image: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return vae.encode(image).latent_dist.mean, vae.decode(latent).sample
+
+
+def first_conv_rows(module: nn.Module) -> list[int]:
+    """Records the heights that the module's first conv sees (to check that inputs were split)."""
+    conv = next(m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    seen = []
+    conv.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2]))
+    return seen
+
+
+class Messages(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float("inf") if a.shape != b.shape else (a - b).abs().max().item()
+
+
+def rank_results(inputs: dict, references: dict) -> dict:
+    """On each rank: errors against the single-process references, split evidence, and error cases."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import para_fx
+    from para_fx.adapters.vae import parallelize_vae
+
+    world = dist.get_world_size()
+    messages = Messages()
+    logging.getLogger("para_fx.adapters.vae").addHandler(messages)
+    out = {}
+    for kind, (image, latent) in inputs.items():
+        vae = tiny_vae(kind)
+        parallelize_vae(vae, para_fx.init_mesh(ulysses=world) if kind == "kl" else None)
+        encoder_rows, decoder_rows = first_conv_rows(vae.encoder), first_conv_rows(vae.decoder)
+        encoded, decoded = encode_decode(vae, image, latent)
+        out[kind] = {
+            "encode": max_error(encoded, references[kind][0]),
+            "decode": max_error(decoded, references[kind][1]),
+            "encoder_rows": max(encoder_rows),
+            "decoder_rows": max(decoder_rows),
+        }
+
+    vae = tiny_vae("kl")
+    parallelize_vae(vae)
+    one_row = inputs["kl"][1][:, :, :1]
+    with torch.no_grad():
+        out["one_row"] = max_error(vae.decode(one_row).sample, references["one_row"])
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 8, 4
+    with torch.no_grad():
+        out["tiled"] = max_error(vae.decode(inputs["kl"][1]).sample, references["kl"][1])
+    out["messages"] = messages.records
+
+    errors = {}
+    sub_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))["a"]
+    for name, call in {
+        "mesh": lambda: parallelize_vae(tiny_vae("kl"), sub_mesh),
+        "processor": lambda: _decode_with_default_processor(inputs["kl"][1]),
+        "bilinear": lambda: _decode_bilinear(inputs["kl"][1]),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+            errors[name] = (type(error).__name__, str(error))
+    out["errors"] = errors
+    return out
+
+
+def _decode_with_default_processor(latent):
+    from para_fx.adapters.vae import parallelize_vae
+
+    vae = tiny_vae("kl")
+    vae.set_default_attn_processor()  # attention by baddbmm + softmax, not SDPA
+    parallelize_vae(vae)
+    with torch.no_grad():
+        vae.decode(latent)
+
+
+def _decode_bilinear(latent):
+    from para_fx.adapters.vae import parallelize_vae
+
+    vae = nn.Module()
+    vae.decoder = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"))
+    parallelize_vae(vae)
+    with torch.no_grad():
+        vae.decoder(latent)
+
+
+_RESULTS: dict = {}
+
+
+def results(world: int) -> list[dict]:
+    """Every rank's results at this world size (one spawn per world size, shared by the tests)."""
+    if "references" not in _RESULTS:
+        inputs = make_inputs()
+        references = {kind: encode_decode(tiny_vae(kind), *inputs[kind]) for kind in inputs}
+        with torch.no_grad():
+            references["one_row"] = tiny_vae("kl").decode(inputs["kl"][1][:, :, :1]).sample
+        _RESULTS["inputs"], _RESULTS["references"] = inputs, references
+    if world not in _RESULTS:
+        _RESULTS[world] = run_ranks(rank_results, world, _RESULTS["inputs"], _RESULTS["references"], timeout=600)
+    return _RESULTS[world]
+
+
+WORLDS = [2, 4]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("kind", list(CASES))
+def test_decode_and_encode_match_one_device(world, kind):
+    for rank, result in enumerate(results(world)):
+        assert result[kind]["decode"] <= TOLERANCE, (rank, result[kind])
+        assert result[kind]["encode"] <= TOLERANCE, (rank, result[kind])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_inputs_are_split_by_height(world):
+    inputs = make_inputs()
+    for result in results(world):
+        for kind, (image, latent) in inputs.items():
+            rows = image.shape[-2] // (2 if kind == "wan2.2" else 1)  # patchified before the encoder
+            assert result[kind]["encoder_rows"] < rows, kind
+            padded_chunk = -(-latent.shape[-2] // world) + 2  # a causal conv may pad its input first
+            assert result[kind]["decoder_rows"] <= padded_chunk, kind
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_too_small_latent_falls_back_with_a_warning(world):
+    for result in results(world):
+        assert result["one_row"] <= TOLERANCE
+        assert any("cannot give each" in m for m in result["messages"]), result["messages"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_tiling_is_ignored_so_the_result_stays_exact(world):
+    for result in results(world):
+        assert result["tiled"] <= TOLERANCE
+        assert any("tiling is ignored" in m for m in result["messages"]), result["messages"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_clear_errors(world):
+    for result in results(world):
+        errors = result["errors"]
+        assert errors["mesh"][0] == "ValueError" and "whole world" in errors["mesh"][1]
+        assert errors["processor"][0] == "RuntimeError" and "scaled_dot_product_attention" in errors["processor"][1]
+        assert errors["bilinear"][0] == "NotImplementedError" and "bilinear" in errors["bilinear"][1]
+
+
+def test_no_op_without_a_process_group():
+    from para_fx.adapters.vae import parallelize_vae
+
+    vae = tiny_vae("kl")
+    forward = vae.decoder.forward
+    assert parallelize_vae(vae) is vae
+    assert vae.decoder.forward == forward
