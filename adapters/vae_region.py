@@ -138,6 +138,53 @@ def _padding_pair(padding: Any, kernel: int, dilation: int, index: int) -> tuple
     return value, value
 
 
+def _conv_windows(sizes: list[int], kernel: int, step: int, spread: int, top: int) -> list[tuple[int, int]]:
+    """Per rank, the input rows ``[lo, hi)`` its outputs read (outside ``[0, length)``: zero padding).
+
+    Output o reads rows ``o*step - top + spread*j`` for j < kernel, and belongs to the rank that
+    holds its window centre: every output has one owner, in rank order, whatever the split.
+    """
+    starts, length = offsets(sizes), sum(sizes)
+    reach = spread * (kernel - 1)
+    outputs = (length + 2 * top - reach - 1) // step + 1
+    centre = spread * ((kernel - 1) // 2)
+    firsts = [0] + [min(outputs, max(0, _ceil_div(start + top - centre, step))) for start in starts[1:-1]]
+    firsts.append(outputs)
+    if any(b <= a for a, b in zip(firsts, firsts[1:])):
+        raise RuntimeError(
+            f"parallel VAE: a strided conv leaves a rank without output rows (input chunks {sizes}); "
+            "use a larger input or fewer ranks"
+        )
+    return [(a * step - top, (b - 1) * step - top + reach + 1) for a, b in zip(firsts, firsts[1:])]
+
+
+def _window(region: Region, x: torch.Tensor, dim: int, sizes: list[int], windows: list[tuple[int, int]]) -> torch.Tensor:
+    """This rank's rows ``windows[rank]`` of the global tensor: its own, other ranks' (one all-to-all), zeros outside."""
+    starts, length = offsets(sizes), sum(sizes)
+    held = lambda window, q: (max(window[0], starts[q]), min(window[1], starts[q + 1]))  # noqa: E731
+    ranks = range(region.world)
+    if any(held(windows[r], q)[0] < held(windows[r], q)[1] for r in ranks for q in ranks if q != r):
+        me = region.rank
+        send = []
+        for r in ranks:
+            lo, hi = held(windows[r], me)
+            send.append((lo - starts[me], hi - starts[me]) if r != me and lo < hi else (0, 0))
+        recv = []
+        for q in ranks:
+            lo, hi = held(windows[me], q)
+            recv.append(hi - lo if q != me and lo < hi else 0)
+        received = _exchange_rows(x, dim, send, recv, region.group)
+    lo, hi = windows[region.rank]
+    pieces = [x.new_zeros(*x.shape[:dim], -lo, *x.shape[dim + 1 :])] if lo < 0 else []
+    for q in ranks:
+        a, b = held((lo, hi), q)
+        if a < b:
+            pieces.append(x.narrow(dim, a - starts[q], b - a) if q == region.rank else received[q])
+    if hi > length:
+        pieces.append(x.new_zeros(*x.shape[:dim], hi - length, *x.shape[dim + 1 :]))
+    return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+
 def _halo_conv(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
     bound = _bind(func, args, kwargs)
     x, weight = bound["input"], bound["weight"]
@@ -152,52 +199,9 @@ def _halo_conv(region: Region, func: Callable, args: tuple, kwargs: dict) -> tor
     kernel, step, spread, top = weight.shape[-2], stride[axis], dilation[axis], pads[axis][0]
     if kernel == 1 and step == 1 and top == 0:
         return func(*args, **kwargs)  # no row mixing: every rank's chunk maps to itself
-
     sizes = region.sizes(("conv", id(weight)), x.shape[dim], x.device)
-    starts, length = offsets(sizes), sum(sizes)
-    reach = spread * (kernel - 1)
-    out_length = (length + 2 * top - reach - 1) // step + 1
-    centre = spread * ((kernel - 1) // 2)
-    # output o belongs to the rank holding input row o*step - top + centre (its window centre)
-    firsts = [0] + [min(out_length, max(0, _ceil_div(starts[r] + top - centre, step))) for r in range(1, region.world)]
-    firsts.append(out_length)
-    needs = [(firsts[r] * step - top, (firsts[r + 1] - 1) * step - top + reach + 1) for r in range(region.world)]
-    if any(firsts[r + 1] <= firsts[r] for r in range(region.world)):
-        raise RuntimeError(
-            f"parallel VAE: a strided conv leaves a rank without output rows (input chunks {sizes}); "
-            "use a larger input or fewer ranks"
-        )
-
-    me = region.rank
-    overlap = lambda lo, hi, r: (max(lo, starts[r]), min(hi, starts[r + 1]))  # noqa: E731
-    send = []
-    for r in range(region.world):
-        lo, hi = overlap(*needs[r], me)
-        send.append((lo - starts[me], hi - starts[me]) if r != me and lo < hi else (0, 0))
-    recv = []
-    for q in range(region.world):
-        lo, hi = overlap(*needs[me], q)
-        recv.append(hi - lo if q != me and lo < hi else 0)
-    exchanges = any(
-        overlap(*needs[r], q)[0] < overlap(*needs[r], q)[1] for r in range(region.world) for q in range(region.world) if q != r
-    )
-    received = _exchange_rows(x, dim, send, recv, region.group) if exchanges else None
-
-    lo, hi = needs[me]
-    pieces = []
-    if lo < 0:
-        pieces.append(x.new_zeros(*x.shape[:dim], -lo, *x.shape[dim + 1 :]))
-    for q in range(region.world):
-        a, b = overlap(lo, hi, q)
-        if a < b:
-            pieces.append(x.narrow(dim, a - starts[me], b - a) if q == me else received[q])
-    if hi > length:
-        pieces.append(x.new_zeros(*x.shape[:dim], hi - length, *x.shape[dim + 1 :]))
-    window = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
-
-    new_padding = [before for before, _ in pads]
-    new_padding[axis] = 0
-    bound["input"], bound["padding"] = window, tuple(new_padding)
+    bound["input"] = _window(region, x, dim, sizes, _conv_windows(sizes, kernel, step, spread, top))
+    bound["padding"] = tuple(0 if i == axis else before for i, (before, _) in enumerate(pads))
     return func(**bound)
 
 

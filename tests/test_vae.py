@@ -69,7 +69,9 @@ CASES = {
 
 def make_inputs() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {kind: (torch.randn(image, generator=g), torch.randn(latent, generator=g)) for kind, (image, latent) in CASES.items()}
+    inputs = {kind: (torch.randn(image, generator=g), torch.randn(latent, generator=g)) for kind, (image, latent) in CASES.items()}
+    inputs["zoo"] = torch.randn(1, 4, 61, 9, generator=g)
+    return inputs
 
 
 def encode_decode(vae: nn.Module, image: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,8 @@ def rank_results(inputs: dict, references: dict) -> dict:
     messages = Messages()
     logging.getLogger("para_fx.adapters.vae").addHandler(messages)
     out = {}
-    for kind, (image, latent) in inputs.items():
+    for kind in CASES:
+        image, latent = inputs[kind]
         vae = tiny_vae(kind)
         parallelize_vae(vae, para_fx.init_mesh(ulysses=world) if kind == "kl" else None)
         encoder_rows, decoder_rows = first_conv_rows(vae.encoder), first_conv_rows(vae.decoder)
@@ -132,6 +135,7 @@ def rank_results(inputs: dict, references: dict) -> dict:
     with torch.no_grad():
         out["tiled"] = max_error(vae.decode(inputs["kl"][1]).sample, references["kl"][1])
     out["messages"] = messages.records
+    out["conv_zoo"] = _conv_zoo_error(inputs["zoo"], references["zoo"])
 
     errors = {}
     sub_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))["a"]
@@ -147,6 +151,31 @@ def rank_results(inputs: dict, references: dict) -> dict:
             errors[name] = (type(error).__name__, str(error))
     out["errors"] = errors
     return out
+
+
+def conv_zoo() -> nn.Module:
+    """Row-mixing layers beyond the VAEs': strides that do not divide the chunks, dilation, pad modes."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 5, padding=4, dilation=2, padding_mode="replicate"),
+        nn.Upsample(scale_factor=3, mode="nearest"),
+        nn.Conv2d(8, 8, 4, stride=3),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(8, 8, 2, stride=2),
+        nn.Conv2d(8, 4, (1, 3), padding=(0, 1)),
+    ).eval()
+
+
+def _conv_zoo_error(latent: torch.Tensor, reference: torch.Tensor) -> float:
+    from para_fx.adapters.vae import parallelize_vae
+
+    vae = nn.Module()
+    vae.decoder = conv_zoo()
+    parallelize_vae(vae)
+    with torch.no_grad():
+        return max_error(vae.decoder(latent), reference)
 
 
 def _decode_with_default_processor(latent):
@@ -176,9 +205,10 @@ def results(world: int) -> list[dict]:
     """Every rank's results at this world size (one spawn per world size, shared by the tests)."""
     if "references" not in _RESULTS:
         inputs = make_inputs()
-        references = {kind: encode_decode(tiny_vae(kind), *inputs[kind]) for kind in inputs}
+        references = {kind: encode_decode(tiny_vae(kind), *inputs[kind]) for kind in CASES}
         with torch.no_grad():
             references["one_row"] = tiny_vae("kl").decode(inputs["kl"][1][:, :, :1]).sample
+            references["zoo"] = conv_zoo()(inputs["zoo"])
         _RESULTS["inputs"], _RESULTS["references"] = inputs, references
     if world not in _RESULTS:
         _RESULTS[world] = run_ranks(rank_results, world, _RESULTS["inputs"], _RESULTS["references"], timeout=600)
@@ -200,11 +230,18 @@ def test_decode_and_encode_match_one_device(world, kind):
 def test_inputs_are_split_by_height(world):
     inputs = make_inputs()
     for result in results(world):
-        for kind, (image, latent) in inputs.items():
+        for kind in CASES:
+            image, latent = inputs[kind]
             rows = image.shape[-2] // (2 if kind == "wan2.2" else 1)  # patchified before the encoder
             assert result[kind]["encoder_rows"] < rows, kind
             padded_chunk = -(-latent.shape[-2] // world) + 2  # a causal conv may pad its input first
             assert result[kind]["decoder_rows"] <= padded_chunk, kind
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_strided_dilated_and_padded_convs_on_unaligned_chunks(world):
+    for result in results(world):
+        assert result["conv_zoo"] <= TOLERANCE
 
 
 @pytest.mark.parametrize("world", WORLDS)
