@@ -1,0 +1,228 @@
+"""The diffusers adapters end to end: tiny real pipelines, on one process and on 2 gloo ranks.
+
+Every pipeline is built from the real diffusers classes with random tiny components
+(para_fx.adapters.tiny_pipelines) and given prompt embeddings directly. On 2 ranks each rank runs
+the whole pipeline; its decoded output must equal the single-process pipeline's (fp32,
+<= 1e-4), and with the First Block Cache the single-process cached pipeline's, with the same
+cache statistics on every rank.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import para_fx
+from para_fx import zoo
+from para_fx.adapters import tiny_pipelines
+from para_fx.adapters.diffusers import (
+    apply_cache_on_pipe,
+    context_parallel_degrees,
+    init_context_parallel_mesh,
+    last_cache_stats,
+    make_traceable,
+    parallelize_pipe,
+    parallelize_vae,
+)
+from para_fx.launch import run_ranks
+
+TOLERANCE = 1e-4
+STEPS = 4
+# Skip whenever allowed, but never twice in a row: compute, skip, compute, skip. The tiny
+# models' residual changes (0.05-0.5) are far from the threshold, so rounding cannot flip a decision.
+CACHE = dict(residual_diff_threshold=1.0, max_consecutive_skips=1)
+
+
+def frames(output):
+    return output.images if hasattr(output, "images") else output.frames
+
+
+def generate(pipe, kwargs, **extra):
+    return frames(pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra))
+
+
+def max_error(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_degrees_prefer_batch_up_to_its_limit_then_ulysses_then_ring():
+    assert context_parallel_degrees(1) == (1, 1, 1)
+    assert context_parallel_degrees(8) == (1, 1, 8)
+    assert context_parallel_degrees(8, max_ulysses_dim_size=2) == (1, 4, 2)
+    assert context_parallel_degrees(8, max_batch_dim_size=2) == (2, 1, 4)
+    assert context_parallel_degrees(6, max_batch_dim_size=4) == (3, 1, 2)
+    # the largest batch (4) would leave 3 ranks that ulysses <= 2, ring <= 2 cannot hold
+    assert context_parallel_degrees(12, max_batch_dim_size=4, max_ring_dim_size=2, max_ulysses_dim_size=2) == (3, 2, 2)
+
+
+def test_degrees_reject_impossible_limits():
+    with pytest.raises(ValueError, match="no batch x ring x ulysses split of the world size 8"):
+        context_parallel_degrees(8, max_ring_dim_size=2, max_ulysses_dim_size=2)
+    with pytest.raises(ValueError, match="max_ring_dim_size must be None or a positive int"):
+        context_parallel_degrees(2, max_ring_dim_size=0)
+
+
+def test_without_process_group_the_mesh_is_a_single_device():
+    assert init_context_parallel_mesh() is None
+
+
+def test_make_traceable_gives_mochi_one_graph_and_equal_outputs():
+    model, kwargs = zoo.mochi(batch=2, text_pad=3)
+    kwargs["encoder_attention_mask"][1, 2:] = False  # the second sample keeps 2 of 7 text tokens
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+        assert make_traceable(model) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+        assert max_error(model(**kwargs)[0], expected) <= TOLERANCE
+        report = para_fx.explain(model, kwargs=kwargs)
+        assert report.graph_count == 1
+        compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
+        assert max_error(compiled(**kwargs)[0], expected) <= TOLERANCE
+        # a valid token after a padded one: the stock processor would reorder the text, so refuse
+        kwargs["encoder_attention_mask"][0, 0] = False
+        with pytest.raises(RuntimeError, match="valid token after a padded one"):
+            compiled(**kwargs)
+
+
+def test_make_traceable_leaves_other_models_alone():
+    model, _ = zoo.flux()
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert make_traceable(model) == []
+    assert [m.processor for m in model.modules() if hasattr(m, "processor")] == processors
+
+
+def test_single_device_compile_and_cache():
+    pipe, kwargs = tiny_pipelines.flux(steps=STEPS)
+    pipe_class = type(pipe)
+    expected = generate(pipe, kwargs)
+    parallelize_pipe(pipe, compiler="eager")
+    assert type(pipe).__name__ == pipe_class.__name__ and isinstance(pipe, pipe_class)
+    assert type(pipe) is not pipe_class and type(tiny_pipelines.flux()[0]) is pipe_class  # per instance
+    assert max_error(generate(pipe, kwargs), expected) <= TOLERANCE
+    apply_cache_on_pipe(pipe, **CACHE)
+    generate(pipe, kwargs)
+    stats = last_cache_stats(pipe)
+    assert (stats.steps, stats.computed, stats.skipped) == (STEPS, 2, 2)
+    # a new threshold only: no recompilation; 0 never skips, so the output is the uncached one again
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    apply_cache_on_pipe(pipe, residual_diff_threshold=0.0, max_consecutive_skips=1)
+    assert max_error(generate(pipe, kwargs), expected) <= TOLERANCE
+    assert last_cache_stats(pipe).skipped == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_wrapping_the_adapted_transformer_in_torch_compile_is_refused():
+    pipe, kwargs = tiny_pipelines.flux(steps=1)
+    parallelize_pipe(pipe, compiler="eager")
+    pipe.transformer = torch.compile(pipe.transformer)
+    with pytest.raises(TypeError, match="Remove the torch.compile line"):
+        pipe(**kwargs)
+
+
+# Mesh limits per pipeline, so that 2 ranks cover Ulysses, Ring and CFG batch parallelism.
+MESHES = {
+    "flux": ({}, (1, 1, 2)),
+    "hunyuan_video": (dict(max_ulysses_dim_size=1), (1, 2, 1)),
+    "mochi": ({}, (1, 1, 2)),
+    "cogvideox": (dict(max_batch_dim_size=2), (2, 1, 1)),
+    "wan": ({}, (1, 1, 2)),
+}
+
+
+def run_pipeline(name):
+    """On one rank: single-process references, then the parallel pipeline without and with the cache."""
+    pipe, kwargs = tiny_pipelines.BUILDERS[name](steps=STEPS)
+    expected = generate(pipe, kwargs)
+    single = tiny_pipelines.BUILDERS[name](steps=STEPS)[0]
+    apply_cache_on_pipe(single, compiler="aot_eager", **CACHE)
+    expected_cached = generate(single, kwargs)
+    limits, _ = MESHES[name]
+    mesh = init_context_parallel_mesh(**limits)
+    parallelize_pipe(pipe, mesh, compiler="aot_eager")
+    parallel = generate(pipe, kwargs)
+    apply_cache_on_pipe(pipe, **CACHE)
+    cached = generate(pipe, kwargs)
+    result = dict(
+        mesh=tuple(mesh.shape),
+        error=max_error(parallel, expected),
+        cached_error=max_error(cached, expected_cached),
+        cache_changed_output=max_error(cached, parallel),
+        stats=dataclasses.asdict(last_cache_stats(pipe)),
+        expected_stats=dataclasses.asdict(last_cache_stats(single)),
+    )
+    if name == "wan":  # the cache first, then parallelism: the same result
+        other = tiny_pipelines.wan(steps=STEPS)[0]
+        apply_cache_on_pipe(other, **CACHE)
+        parallelize_pipe(other, mesh, compiler="aot_eager")
+        result["cache_first_error"] = max_error(generate(other, kwargs), cached)
+    if name == "flux":
+        result.update(default_call_behaviour(pipe, kwargs, mesh, cached))
+    if name == "mochi":
+        result.update(mochi_attention_sharding(mesh))
+    return result
+
+
+def default_call_behaviour(pipe, kwargs, mesh, expected):
+    """No generator: the ranks agree on a seed. No output_type: rank 0 decodes to PIL, the others
+    return latents, or decoded tensors once the VAE is parallel (every rank must then decode)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "output_type"}
+    unseeded = frames(pipe(**kwargs, output_type="pt"))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, unseeded)
+    default = generate(pipe, kwargs)
+    parallelize_vae(pipe.vae, mesh)
+    with_parallel_vae = generate(pipe, kwargs)
+    return dict(
+        unseeded_rank_difference=max(max_error(x, gathered[0]) for x in gathered),
+        default_output=describe(default),
+        parallel_vae_output=describe(with_parallel_vae),
+        parallel_vae_error=None if isinstance(with_parallel_vae, list) else max_error(with_parallel_vae, expected),
+    )
+
+
+def describe(images):
+    return type(images[0]).__name__ if isinstance(images, list) else tuple(images.shape)
+
+
+def mochi_attention_sharding(mesh):
+    model, kwargs = zoo.mochi(batch=2, text_pad=3)
+    make_traceable(model)
+    report = para_fx.explain(model, kwargs=kwargs, mesh=mesh)
+    return dict(
+        graphs=report.graph_count,
+        sites=sorted({(s.module, s.strategy, s.local_query_len, s.global_query_len) for s in report.attention_sites}),
+        block_fallbacks=[f.op for f in report.fallbacks if "blocks." in f.module],
+    )
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_two_ranks_match_single_process(name):
+    results = run_ranks(run_pipeline, 2, name, timeout=600)
+    for rank, r in enumerate(results):
+        where = f"{name} rank {rank}"
+        assert r["mesh"] == MESHES[name][1], where
+        assert r["error"] <= TOLERANCE, f"{where}: parallel vs single process: {r['error']}"
+        assert r["cached_error"] <= TOLERANCE, f"{where}: cached parallel vs cached single process: {r['cached_error']}"
+        assert r["cache_changed_output"] > TOLERANCE, f"{where}: the cache skipped nothing visible"
+        stats, expected = r["stats"], r["expected_stats"]
+        calls = STEPS * (2 if name == "wan" else 1)  # Wan calls the transformer for cond and uncond
+        assert (stats["steps"], stats["skipped"]) == (calls, calls // 2), f"{where}: {stats}"
+        assert (stats["computed"], stats["skipped"]) == (expected["computed"], expected["skipped"]), where
+        assert stats["diffs"] == pytest.approx(expected["diffs"], abs=TOLERANCE), where
+        assert stats == results[0]["stats"], f"{where}: cache statistics differ between ranks"
+    if name == "wan":
+        assert all(r["cache_first_error"] <= TOLERANCE for r in results)
+    if name == "flux":
+        assert all(r["unseeded_rank_difference"] == 0 for r in results)
+        assert results[0]["default_output"] == "Image"  # PIL, decoded on rank 0
+        assert results[1]["default_output"] == (1, 35, 16)  # packed latents, no decode on rank 1
+        assert results[0]["parallel_vae_output"] == "Image"
+        assert results[1]["parallel_vae_output"] == (1, 3, 10, 14)  # took part in the decode
+        assert results[1]["parallel_vae_error"] <= TOLERANCE
+    if name == "mochi":
+        for r in results:
+            assert r["graphs"] == 1
+            joint = [s for s in r["sites"] if s[0].endswith("attn1")]
+            assert len(joint) == 2 and all(local <= total // 2 + 1 for _, _, local, total in joint), r["sites"]
+            assert any(strategy == "ulysses" for _, strategy, _, _ in joint), r["sites"]
+            assert not r["block_fallbacks"], r["block_fallbacks"]
