@@ -8,6 +8,7 @@ seconds, with every process killed, so a test fails instead of blocking.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import socket
@@ -60,7 +61,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 continue
             if not ok:
                 raise RankFailed(f"rank {rank} raised:\n{payload}")
-            outputs[rank] = payload
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5)
@@ -80,6 +81,8 @@ def _rank_main(fn, rank, world_size, port, args, results, timeout):
             out = fn(*args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, out))
+        buffer = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the rank
+        torch.save(out, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
         results.put((rank, False, traceback.format_exc()))

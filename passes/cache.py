@@ -65,6 +65,7 @@ class CacheRegion:
     skippable: list[str]
     computed_last: list[str]
     streams: list[str]  # "region input -> region output" per cached residual
+    decision: list[str]  # "prefix input -> prefix output" per residual compared between steps
 
     def __str__(self) -> str:
         lines = [
@@ -72,6 +73,7 @@ class CacheRegion:
             f"  inside torch.cond (skipped on a cache hit): {_names(self.skippable)}",
             f"  always computed last: {_names(self.computed_last)}",
             "  cached residuals: " + ("; ".join(self.streams) or "(none)"),
+            "  decided on the residuals: " + "; ".join(self.decision),
         ]
         return "\n".join(lines)
 
@@ -108,9 +110,15 @@ def insert_first_block_cache(
         computed_first=[b.name for b in blocks[:compute_first]],
         skippable=[b.name for b in blocks[compute_first : len(blocks) - compute_last]],
         computed_last=[b.name for b in blocks[len(blocks) - compute_last :]],
-        streams=[f"{src.name if src else '(none: output cached as is)'} -> {out.name}" for src, out in region_pairs],
+        streams=[_stream(src, out) for src, out in region_pairs],
+        decision=[_stream(src, out) for src, out in prefix_pairs],
     )
     return new_gm, layout
+
+
+def _stream(src: fx.Node | None, out: fx.Node) -> str:
+    shape = "x".join(map(str, out.meta["val"].shape))
+    return f"{src.name if src is not None else '(none: the value itself)'} -> {out.name} [{shape}]"
 
 
 @dataclasses.dataclass
@@ -119,7 +127,7 @@ class _Split:
     region: list[fx.Node]  # nodes that move into the cond, in graph order
     inputs: list[fx.Node]  # values the region reads from outside
     outputs: list[fx.Node]  # region values read after it
-    prefix_inputs: set[fx.Node]  # values computed before the first block
+    prefix_inputs: set[fx.Node]  # values computed before the first block, and slices of them
     insert_before: fx.Node  # the first node after the region
 
     @property
@@ -166,9 +174,22 @@ def _split(nodes: list[fx.Node], blocks: list[Block], compute_first: int, comput
         region=ordered,
         inputs=inputs,
         outputs=outputs,
-        prefix_inputs=set(nodes[: blocks[0].first]),
+        prefix_inputs=_before_blocks(nodes, blocks[0].first, start),
         insert_before=nodes[stop],
     )
+
+
+_MOVES = {aten.slice.Tensor, aten.narrow.default, aten.cat.default, aten.view.default, aten.clone.default}
+
+
+def _before_blocks(nodes: list[fx.Node], first: int, start: int) -> set[fx.Node]:
+    """What the first block receives: values from before it, and the pieces of them it takes
+    (the shard pass slices a replicated stream where its first block starts)."""
+    found = set(nodes[:first])
+    for node in nodes[first:start]:
+        if node.target in _MOVES and node.all_input_nodes and all(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _residual_source(out: fx.Node, members, candidates: set[fx.Node]) -> fx.Node | None:

@@ -221,7 +221,7 @@ def references():
     return reference_runs()
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)], ids=str)
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
 def test_ranks_take_the_same_branch_as_one_process(references, mesh_shape):
     world = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     thresholds = {name: threshold for name, (threshold, _, _) in references.items()}
