@@ -158,31 +158,64 @@ def _conv_windows(sizes: list[int], kernel: int, step: int, spread: int, top: in
     return [(a * step - top, (b - 1) * step - top + reach + 1) for a, b in zip(firsts, firsts[1:])]
 
 
-def _window(region: Region, x: torch.Tensor, dim: int, sizes: list[int], windows: list[tuple[int, int]]) -> torch.Tensor:
-    """This rank's rows ``windows[rank]`` of the global tensor: its own, other ranks' (one all-to-all), zeros outside."""
-    starts, length = offsets(sizes), sum(sizes)
+def _fetch(region: Region, x: torch.Tensor, dim: int, sizes: list[int], windows: list[tuple[int, int]]) -> list:
+    """Per rank q, the rows of q's chunk inside this rank's window (None for none, and for itself).
+
+    Every rank r asks for global rows ``windows[r]``; one all-to-all moves them (none if no rank
+    needs another's rows).
+    """
+    starts, ranks, me = offsets(sizes), range(region.world), region.rank
     held = lambda window, q: (max(window[0], starts[q]), min(window[1], starts[q + 1]))  # noqa: E731
-    ranks = range(region.world)
-    if any(held(windows[r], q)[0] < held(windows[r], q)[1] for r in ranks for q in ranks if q != r):
-        me = region.rank
-        send = []
-        for r in ranks:
-            lo, hi = held(windows[r], me)
-            send.append((lo - starts[me], hi - starts[me]) if r != me and lo < hi else (0, 0))
-        recv = []
-        for q in ranks:
-            lo, hi = held(windows[me], q)
-            recv.append(hi - lo if q != me and lo < hi else 0)
-        received = _exchange_rows(x, dim, send, recv, region.group)
-    lo, hi = windows[region.rank]
-    pieces = [x.new_zeros(*x.shape[:dim], -lo, *x.shape[dim + 1 :])] if lo < 0 else []
+    if not any(held(windows[r], q)[0] < held(windows[r], q)[1] for r in ranks for q in ranks if q != r):
+        return [None] * region.world
+    send = []
+    for r in ranks:
+        lo, hi = held(windows[r], me)
+        send.append((lo - starts[me], hi - starts[me]) if r != me and lo < hi else (0, 0))
+    recv = []
     for q in ranks:
-        a, b = held((lo, hi), q)
-        if a < b:
-            pieces.append(x.narrow(dim, a - starts[q], b - a) if q == region.rank else received[q])
+        lo, hi = held(windows[me], q)
+        recv.append(hi - lo if q != me and lo < hi else 0)
+    received = _exchange_rows(x, dim, send, recv, region.group)
+    return [part if size else None for part, size in zip(received, recv)]
+
+
+def _window(region: Region, x: torch.Tensor, dim: int, sizes: list[int], windows: list[tuple[int, int]]) -> torch.Tensor:
+    """This rank's rows ``windows[rank]`` of the global tensor, as one tensor, zeros outside it."""
+    received = _fetch(region, x, dim, sizes, windows)
+    starts, length, me = offsets(sizes), sum(sizes), region.rank
+    lo, hi = windows[me]
+    pieces = [x.new_zeros(*x.shape[:dim], -lo, *x.shape[dim + 1 :])] if lo < 0 else []
+    for q, part in enumerate(received):
+        if q == me:
+            a, b = max(lo, starts[me]), min(hi, starts[me + 1])
+            pieces.append(x.narrow(dim, a - starts[me], b - a))
+        elif part is not None:
+            pieces.append(part)
     if hi > length:
         pieces.append(x.new_zeros(*x.shape[:dim], hi - length, *x.shape[dim + 1 :]))
     return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+
+def _same_conv(region: Region, func: Callable, bound: dict, dim: int, sizes: list[int], halo: int, unpadded: tuple) -> torch.Tensor:
+    """A stride-1 conv that keeps the height, without copying the input into a window.
+
+    The conv runs on the chunk with its own zero padding, exact except the ``halo`` rows next to
+    an inner border; those are recomputed from the neighbours' rows and written in place.
+    """
+    x, me, last = bound["input"], region.rank, region.world - 1
+    starts, rows = offsets(sizes), sizes[region.rank]
+    windows = [(start - halo * (r > 0), stop + halo * (r < last)) for r, (start, stop) in enumerate(zip(starts, starts[1:]))]
+    received = _fetch(region, x, dim, sizes, windows)
+    out = func(**bound)
+    border = lambda pieces: func(**{**bound, "input": torch.cat(pieces, dim), "padding": unpadded})  # noqa: E731
+    if me > 0:
+        above = [part for part in received[:me] if part is not None]
+        out.narrow(dim, 0, halo).copy_(border(above + [x.narrow(dim, 0, 2 * halo)]))
+    if me < last:
+        below = [part for part in received[me + 1 :] if part is not None]
+        out.narrow(dim, rows - halo, halo).copy_(border([x.narrow(dim, rows - 2 * halo, 2 * halo)] + below))
+    return out
 
 
 def _halo_conv(region: Region, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -200,8 +233,11 @@ def _halo_conv(region: Region, func: Callable, args: tuple, kwargs: dict) -> tor
     if kernel == 1 and step == 1 and top == 0:
         return func(*args, **kwargs)  # no row mixing: every rank's chunk maps to itself
     sizes = region.sizes(("conv", id(weight)), x.shape[dim], x.device)
+    unpadded = tuple(0 if i == axis else before for i, (before, _) in enumerate(pads))
+    if step == 1 and kernel % 2 and 2 * top == spread * (kernel - 1) and min(sizes) >= 2 * top:
+        return _same_conv(region, func, bound, dim, sizes, top, unpadded)
     bound["input"] = _window(region, x, dim, sizes, _conv_windows(sizes, kernel, step, spread, top))
-    bound["padding"] = tuple(0 if i == axis else before for i, (before, _) in enumerate(pads))
+    bound["padding"] = unpadded
     return func(**bound)
 
 

@@ -72,7 +72,9 @@ def measure(model: str, latent_rows: int, device: str, dtype: str) -> dict:
     """On this rank: one-device and parallel decode of the same latent; memory, time, difference."""
     from para_fx.adapters.vae import parallelize_vae
 
-    vae = make_vae(model).to(device=device, dtype=getattr(torch, dtype))
+    vae = make_vae(model).to(device)
+    if dtype != "float32":
+        vae = vae.to(getattr(torch, dtype))
     latent = torch.randn(1, 4, latent_rows, latent_rows, generator=torch.Generator().manual_seed(1))
     latent = latent.to(device=device, dtype=vae.dtype)
     decode = lambda: vae.decode(latent).sample  # noqa: E731

@@ -159,7 +159,8 @@ def conv_zoo() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(4, 8, 3, stride=2, padding=1),
         nn.GroupNorm(2, 8),
-        nn.Conv2d(8, 8, 5, padding=4, dilation=2, padding_mode="replicate"),
+        nn.Conv2d(8, 8, 5, padding=4, dilation=2),  # halo 4: in place at world 2, a window at 4 (7-row chunk)
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"),
         nn.Upsample(scale_factor=3, mode="nearest"),
         nn.Conv2d(8, 8, 4, stride=3),
         nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
