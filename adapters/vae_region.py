@@ -7,9 +7,12 @@ they are. The layers that mix rows are made exact by a torch-function mode that 
 
 - convolution: each rank receives from the other ranks the rows its window needs (a halo,
   kernel/stride/dilation aware, one ``all_to_all``), pads only at the global borders, and keeps
-  the outputs whose window centre lies in its rows, so strided convs stay exact for any split;
+  the outputs whose window centre lies in its rows, so strided convs stay exact for any split.
+  A stride-1 conv that keeps the height runs on the chunk as it is and recomputes only the rows
+  next to an inner border, so it copies no input;
 - ``F.pad``: pads the height only at the global top (rank 0) and bottom (last rank);
-- group norm: per-group count, mean and M2 of every rank combined in float64 (Chan's formula);
+- group norm: the fused kernel normalises with local statistics; every rank's per-group count,
+  mean and M2 are combined in float64 (Chan's formula) and the output corrected in place;
 - attention: key/value all-gathered over the ranks when the tokens are spatial, left alone when
   the sequence is time at one pixel; which one applies is set by the module that calls it;
 - nearest interpolation: checked to scale the height by a whole factor; other row-mixing ops
@@ -63,7 +66,7 @@ class Region:
             mine = torch.tensor([local], dtype=torch.int64, device=device)
             parts = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(parts, mine, group=self.group)
-            cached = self.geometry[key] = [int(p.item()) for p in parts]
+            cached = self.geometry[key] = torch.cat(parts).tolist()
         if cached[self.rank] != local:
             raise RuntimeError(
                 f"parallel VAE: a layer saw {local} rows on rank {self.rank} where an earlier call with "
@@ -88,6 +91,7 @@ class Region:
 
 
 def offsets(sizes: list[int]) -> list[int]:
+    """Where each chunk starts, then the total."""
     out = [0]
     for size in sizes:
         out.append(out[-1] + size)
@@ -269,11 +273,13 @@ def _group_norm(region: Region, func: Callable, args: tuple, kwargs: dict) -> to
     weight, bias = bound.get("weight"), bound.get("bias")
     batch, channels = x.shape[:2]
     per_group = x.numel() // (batch * groups)
+    # a float32 unit weight makes the kernel return float32 statistics for half/bfloat16 inputs
+    unit = torch.ones(channels, dtype=torch.float32, device=x.device) if x.dtype != torch.float64 else None
     out, mean, rstd = torch.ops.aten.native_group_norm(
-        x.contiguous(), None, None, batch, channels, x.numel() // (batch * channels), groups, eps
+        x.contiguous(), unit, None, batch, channels, x.numel() // (batch * channels), groups, eps
     )
     out = out.contiguous()
-    mean, var = mean.double(), rstd.double().pow(-2) - eps  # [batch, groups], float32 from the kernel
+    mean, var = mean.double(), rstd.double().pow(-2) - eps  # [batch, groups]
     local = torch.stack([torch.full_like(mean, per_group), mean, var * per_group])
     parts = [torch.empty_like(local) for _ in range(region.world)]
     dist.all_gather(parts, local, group=region.group)
