@@ -1,4 +1,6 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import the model zoo in tests/dits.py
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)  # tests import the plain DiTs in tests/dits.py
+sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits) from the repository root

@@ -232,3 +232,15 @@ def test_ranks_take_the_same_branch_as_one_process(references, mesh_shape):
             assert (stats.computed, stats.skipped) == (expected_stats.computed, expected_stats.skipped), (name, rank)
             for out, ref in zip(outs, expected):
                 torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")
+
+
+# --- quality on a trained model ------------------------------------------------------------------
+
+
+def test_trade_off_on_the_trained_digits_dit():
+    """Pins the README's table (100 samples) on 20: 0.08 skips 15 of 28 at 40 dB, 0.2 skips 22 at 32 dB."""
+    from examples.digits import cache_study as study
+
+    recommended, aggressive = study.study(samples=20, thresholds=(0.08, 0.2))
+    assert 12 <= recommended["skipped"] <= 17 and recommended["psnr_db"] >= 36
+    assert 19 <= aggressive["skipped"] <= 24 and 29 <= aggressive["psnr_db"] < recommended["psnr_db"]
