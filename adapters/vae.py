@@ -99,10 +99,11 @@ def parallelize_vae(vae: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None 
     for name, method in (("decode", "decoder"), ("encode", "encoder")):
         if getattr(vae, method, None) is not None and hasattr(vae, name):
             _wrap(vae, name, _untiled(vae, state, getattr(vae, name)))
-    for part, align in (("decoder", 1), ("encoder", None)):
+    for part in ("decoder", "encoder"):
         module = getattr(vae, part, None)
         if isinstance(module, nn.Module):
-            _wrap(module, "forward", _entry(module, state, align or _height_stride(module)))
+            align = _height_stride(module) if part == "encoder" else 1  # decoders only grow chunks
+            _wrap(module, "forward", _entry(module, state, align))
             _instrument(module)
     return vae
 
