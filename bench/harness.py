@@ -1,0 +1,407 @@
+"""What the benchmarks share: random-weight FLUX.1-dev / HunyuanVideo-shaped transformers built
+straight on the device, per-step timing, and result files that several runs merge into.
+
+Weights are random because the benchmarks measure speed, not images: the models are built on the
+meta device, materialised in their final dtype with ``to_empty`` and filled with a seeded normal
+draw, so a 12B-parameter model is ready in seconds without a download or a float32 copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+# FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_TINY = dict(FLUX_DEV, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+                 num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))
+
+# HunyuanVideo's transformer config (hunyuanvideo-community/HunyuanVideo, transformer/config.json).
+HUNYUAN_VIDEO = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+HUNYUAN_TINY = dict(HUNYUAN_VIDEO, in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=32,
+                    num_layers=2, num_single_layers=2, text_embed_dim=64, pooled_projection_dim=32,
+                    rope_axes_dim=(8, 12, 12))
+
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense bf16 peak; the H200 has the same tensor cores
+
+
+def random_init_(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Seeded N(0, std) matrices, unit norm scales, zero biases: activations stay finite through
+    every block in bf16, so cache decisions (which compare residual norms) are meaningful."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=gen)
+            elif name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+
+def materialise(cls: type, config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """``cls(**config)`` with random weights, built in ``dtype`` directly on ``device``."""
+    with torch.device("meta"):
+        model = cls(**config)
+    model = torch.nn.Module.to(model, dtype).to_empty(device=device)  # diffusers' own .to() warns about dtypes
+    if any(b.device.type == "meta" for b in model.buffers()):
+        raise RuntimeError(f"{cls.__name__} has buffers that to_empty cannot fill")
+    random_init_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def build_flux(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return materialise(FluxTransformer2DModel, dict(FLUX_TINY if tiny else FLUX_DEV, **overrides), device, dtype, seed)
+
+
+def flux_step_inputs(model: torch.nn.Module, resolution: int, text_len: int, steps: int, seed: int = 0) -> list[dict]:
+    """One kwargs dict per denoising step at ``resolution`` pixels: the prompt is fixed, latents are
+    fresh and the timestep falls, as in a sampler, so a cache sees a real change between steps.
+
+    FLUX's VAE downsamples 8x and the transformer packs 2x2 latent patches: 1024 px -> 64x64 =
+    4096 image tokens of 64 channels.
+    """
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    gen = torch.Generator(device).manual_seed(seed)
+    side = resolution // 16
+    img_ids = torch.zeros(side, side, 3, device=device)
+    img_ids[..., 1] = torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] = torch.arange(side, device=device)[None, :]
+    prompt = dict(
+        encoder_hidden_states=torch.randn(1, text_len, cfg.joint_attention_dim, generator=gen, device=device, dtype=dtype),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen, device=device, dtype=dtype),
+        img_ids=img_ids.reshape(side * side, 3),
+        txt_ids=torch.zeros(text_len, 3, device=device),
+        guidance=torch.full((1,), 3.5, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    return [
+        dict(
+            prompt,
+            hidden_states=torch.randn(1, side * side, cfg.in_channels, generator=gen, device=device, dtype=dtype),
+            timestep=torch.full((1,), 1.0 - step / steps, device=device, dtype=dtype),
+        )
+        for step in range(steps)
+    ]
+
+
+def build_hunyuan_video(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return materialise(HunyuanVideoTransformer3DModel, HUNYUAN_TINY if tiny else HUNYUAN_VIDEO, device, dtype, seed)
+
+
+def hunyuan_step_inputs(model: torch.nn.Module, height: int, width: int, frames: int, text_len: int, steps: int,
+                        seed: int = 0) -> list[dict]:
+    """One kwargs dict per step for a ``frames`` x ``height`` x ``width`` pixel video: the VAE
+    compresses 4x in time (plus the first frame) and 8x in space, the transformer patches 1x2x2,
+    so 720p x 129 frames -> 33 x 45 x 80 = 118800 tokens."""
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    gen = torch.Generator(device).manual_seed(seed)
+    latent_shape = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    prompt = dict(
+        encoder_hidden_states=torch.randn(1, text_len, cfg.text_embed_dim, generator=gen, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(1, text_len, device=device, dtype=torch.bool),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen, device=device, dtype=dtype),
+        guidance=torch.full((1,), 6000.0, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    return [
+        dict(
+            prompt,
+            hidden_states=torch.randn(*latent_shape, generator=gen, device=device, dtype=dtype),
+            timestep=torch.full((1,), int(1000 * (1 - step / steps)), device=device, dtype=torch.long),
+        )
+        for step in range(steps)
+    ]
+
+
+def quantize_fp8(model: torch.nn.Module, granularity: str) -> None:
+    """torchao's dynamic fp8 activations x fp8 weights on every Linear, scaled per ``"row"`` or per
+    ``"tensor"``. ``set_inductor_config`` is off so that fp8 compiles with the same Inductor
+    settings as bf16 and the two differ only in the arithmetic."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    scale = {"row": PerRow(), "tensor": PerTensor()}[granularity]
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=scale, set_inductor_config=False))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call_seconds(step: Callable[[dict], Any], inputs: dict, device: torch.device) -> float:
+    """Wall time of one call, finished on the device: for a compiled model, its compile time."""
+    synchronize(device)
+    start = time.perf_counter()
+    step(inputs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def step_times_ms(step: Callable[[dict], Any], inputs: list[dict], device: torch.device, warmup: int,
+                  iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls after ``warmup`` untimed ones, cycling through the
+    per-step inputs; CUDA events on a GPU, the host clock after a sync elsewhere."""
+    with gpu_turn():
+        return _step_times_ms(step, inputs, device, warmup, iters)
+
+
+def _step_times_ms(step, inputs, device, warmup, iters) -> list[float]:
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    synchronize(device)
+    times = []
+    for i in range(iters):
+        kwargs = inputs[(warmup + i) % len(inputs)]
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(kwargs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            step(kwargs)
+            times.append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def flops_per_call(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torch.device, calls: int = 2,
+                   top: int = 15) -> dict:
+    """Device kernels of ``calls`` calls (after the caller's warm-up): per-call totals, split into
+    matmul / attention / other, and the ``top`` kernels by time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with gpu_turn(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            step(inputs[i % len(inputs)])
+        synchronize(device)
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = by_name.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time_total / 1e3 / calls
+            entry[1] += 1 / calls
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, (ms, _) in by_name.items():
+        kinds[_kernel_kind(name)] += ms
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
+    return {
+        "kernel_ms_per_call": round(sum(ms for ms, _ in by_name.values()), 3),
+        "kernels_per_call": round(sum(count for _, count in by_name.values())),
+        "ms_by_kind": {kind: round(ms, 3) for kind, ms in kinds.items()},
+        "top": [{"kernel": name[:160], "ms": round(ms, 3), "count": round(count)} for name, (ms, count) in ranked[:top]],
+    }
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(key in lowered for key in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    if any(key in lowered for key in ("gemm", "nvjet", "sm90_xmma", "cutlass", "mm_", "_mm", "matmul", "scaled_mm")):
+        return "matmul"
+    return "other"
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and the device name, for the result file's header."""
+    import importlib.metadata as metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": version("diffusers"),
+        "torchao": version("torchao"),
+        "para_attn": _para_attn_version(),
+    }
+    return info
+
+
+def _para_attn_version() -> str | None:
+    try:
+        import para_attn
+    except ImportError:
+        return None
+    return getattr(para_attn, "__version__", "unknown")
+
+
+class ResultFile:
+    """A JSON result that several runs merge into: ``--only`` subsets, one after another or in
+    concurrent processes. Changes are kept as a list and replayed onto the file's current content
+    under a lock at each save, so no process overwrites another's rows."""
+
+    def __init__(self, path: str, fresh: bool):
+        self.path = path
+        self.changes: list[tuple[str, str | None, str, Any]] = []
+        self.data: dict = {}
+        if fresh:
+            self.changes.append(("clear", None, "", None))
+        elif os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def put(self, section: str | None, key: str, value: Any) -> None:
+        """``data[section][key] = value`` (``data[key]`` when section is None)."""
+        self.changes.append(("put", section, key, value))
+        _apply(self.data, self.changes[-1])
+
+    def drop(self, section: str, key: str) -> None:
+        self.changes.append(("drop", section, key, None))
+        _apply(self.data, self.changes[-1])
+
+    def append(self, key: str, value: Any) -> None:
+        self.changes.append(("append", None, key, value))
+        _apply(self.data, self.changes[-1])
+
+    def save(self, derive: Callable[[dict], None]) -> dict:
+        """Replay this run's changes onto the file, ``derive`` the summary, write; the merged data."""
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(_lock_path(self.path), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data: dict = {}
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    data = json.load(f)
+            for change in self.changes:
+                _apply(data, change)
+            derive(data)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.path)
+        self.changes = [change for change in self.changes if change[0] != "clear"]
+        self.data = data
+        return data
+
+
+def _lock_path(path: str) -> str:
+    """A lock file for ``path`` outside its folder, so that result folders hold results only."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"bench_results_{digest}.lock")
+
+
+def _apply(data: dict, change: tuple[str, str | None, str, Any]) -> None:
+    op, section, key, value = change
+    if op == "clear":
+        data.clear()
+        return
+    target = data if section is None else data.setdefault(section, {})
+    if op == "put":
+        target[key] = value
+    elif op == "drop":
+        target.pop(key, None)
+    elif op == "append" and value not in target.setdefault(key, []):
+        target[key].append(value)
+
+
+@contextlib.contextmanager
+def gpu_turn() -> Iterator[None]:
+    """Exclusive use of the GPU for timed work when ``BENCH_GPU_LOCK`` names a lock file: lets
+    several benchmark processes compile at once while their timed phases take turns."""
+    path = os.environ.get("BENCH_GPU_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def free_memory() -> None:
+    """Drop compiled code and cached allocator blocks between configurations."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fresh_inductor_cache() -> str:
+    """Point Inductor and Triton at an empty cache for this process, and stop graph-level caching,
+    so that every configuration's compile time is a cold compile rather than a cache hit of an
+    identical graph compiled earlier. Call before the first compile."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="bench_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = root
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    return root
