@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .cache import CachedGraph, FirstBlockCache
-from .capture import capture_aten
+from .capture import capture_aten, flatten_subclasses
 from .mesh import init_mesh, mesh_info
 from .passes.cache import insert_first_block_cache
 from .passes.shard import ShardSpec, shard
@@ -92,7 +93,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
 
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
     report = Report()
-    graph = run_passes(capture_aten(gm, example_inputs), example_inputs, options, report)
+    graph = capture_aten(gm, example_inputs)
+    subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
+    if subclass_inputs:
+        example_inputs = flatten_subclasses(example_inputs)
+    graph = run_passes(graph, example_inputs, options, report)
     layout = None
     if options.cache is not None:
         graph, layout, example_inputs = _cache_pass(graph, example_inputs, options, report)
@@ -101,7 +106,19 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     for recorder in _RECORDERS:
         recorder.extend(report)
     compiled = _inner_compile(graph, example_inputs, options.compiler)
-    return compiled if layout is None else CachedGraph(compiled, layout, options.cache)
+    if layout is not None:
+        compiled = CachedGraph(compiled, layout, options.cache)
+    return _FlattenSubclasses(compiled) if subclass_inputs else compiled
+
+
+class _FlattenSubclasses:
+    """Calls a graph captured from tensor-subclass inputs with their inner tensors."""
+
+    def __init__(self, compiled: Callable[..., Any]):
+        self.compiled = compiled
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*flatten_subclasses(args))
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:

@@ -106,6 +106,18 @@ class CachedGraph:
         self.compiled = compiled
         self.layout = layout
         self.cache = cache
+        self._scalars: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _flags(self, allow: bool, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (allow_skip, threshold) inputs, made once per value: no host-to-device copy per step."""
+        key = (allow, threshold)
+        if key not in self._scalars:
+            device = self.layout.prefix_state[0].device
+            self._scalars[key] = (
+                torch.tensor(allow, device=device),
+                torch.tensor(threshold, dtype=torch.float32, device=device),
+            )
+        return self._scalars[key]
 
     def __call__(self, *args: Any) -> Any:
         cache, layout = self.cache, self.layout
@@ -113,14 +125,7 @@ class CachedGraph:
         allow = cache._may_skip(state)
         prefix = state.prefix or [spec.zeros() for spec in layout.prefix_state]
         region = state.region or [spec.zeros() for spec in layout.region_state]
-        device = layout.prefix_state[0].device
-        outs = self.compiled(
-            *args,
-            *prefix,
-            *region,
-            torch.tensor(allow, device=device),
-            torch.tensor(float(cache.threshold), dtype=torch.float32, device=device),
-        )
+        outs = self.compiled(*args, *prefix, *region, *self._flags(allow, float(cache.threshold)))
         n, k, m = layout.user_outputs, len(prefix), len(region)
         skipped = bool(outs[n + k + m + 1])
         diff = float(outs[n + k + m]) if state.prefix is not None else None

@@ -15,14 +15,18 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], functional: bool = True) -> fx.GraphModule:
     """Trace ``gm`` to aten with static shapes, keeping node metadata; ``example_inputs`` are concrete.
 
     Also used after a pass (``functional=False``) to inline the Python helpers a pass inserted
-    and to give every new node its fake value.
+    and to give every new node its fake value. Tensor-subclass inputs (torchao's fp8 weights)
+    become their inner tensors: see :func:`flatten_subclasses`.
     """
+    if any(is_traceable_wrapper_subclass(x) for x in example_inputs):
+        return capture_aten(_desugar_subclasses(gm, example_inputs), flatten_subclasses(example_inputs), functional)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [_to_fake(fake_mode, x) for x in example_inputs]
 
@@ -45,3 +49,47 @@ def _to_fake(mode: FakeTensorMode, x: Any) -> Any:
     if isinstance(x, torch.SymInt):
         return int(x.node.hint)
     return x
+
+
+def flatten_subclasses(values: Sequence[Any]) -> list[Any]:
+    """``values`` with every traceable tensor subclass replaced by its inner tensors (recursively),
+    in ``__tensor_flatten__`` order: the inputs of a graph captured from subclass inputs."""
+    return [part for value in values for part in _flatten(value)[0]]
+
+
+def _flatten(value: Any) -> tuple[list[Any], Any]:
+    """(inner tensors, rebuild) where ``rebuild(inner tensors)`` makes the subclass again."""
+    if not is_traceable_wrapper_subclass(value):
+        return [value], lambda parts: parts[0]
+    names, context = value.__tensor_flatten__()
+    pieces = [(name, *_flatten(getattr(value, name))) for name in names]
+    cls, size, stride = type(value), value.size(), value.stride()
+
+    def rebuild(parts):
+        inner, start = {}, 0
+        for name, flat, rebuild_inner in pieces:
+            inner[name] = rebuild_inner(parts[start : start + len(flat)])
+            start += len(flat)
+        return cls.__tensor_unflatten__(inner, context, size, stride)
+
+    return [part for _, flat, _ in pieces for part in flat], rebuild
+
+
+def _desugar_subclasses(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """``gm`` as a graph of plain aten ops over the subclasses' inner tensors. The subclasses are
+    rebuilt inside the trace so their ``__torch_function__`` / ``__torch_dispatch__`` run and are
+    recorded; ``torch.func.functionalize`` would hide them (and rejects torchao's autograd.Functions),
+    so this trace is not functionalised: the caller's capture of the plain graph is."""
+    flat_inputs = [_flatten(value) for value in example_inputs]
+
+    def run(*parts):
+        args, start = [], 0
+        for flat, rebuild in flat_inputs:
+            args.append(rebuild(list(parts[start : start + len(flat)])))
+            start += len(flat)
+        return fx.Interpreter(gm).run(*args)
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_parts = [_to_fake(fake_mode, part) for flat, _ in flat_inputs for part in flat]
+    with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
+        return make_fx(run, pre_dispatch=False)(*fake_parts)

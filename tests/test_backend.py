@@ -47,6 +47,24 @@ def test_world_one_equals_eager(compiler, factory):
         torch.testing.assert_close(compiled(**kwargs), model(**kwargs), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_quantized_weights_compile_through_their_inner_tensors(compiler):
+    """torchao weights are tensor subclasses (fp8 on GPUs; int8 weight-only here on CPU)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model, kwargs = patch_dit()
+    quantize_(model, Int8WeightOnlyConfig())
+    assert type(model.blocks[0].mlp.fc1.weight).__name__ != "Parameter"
+    cache = para_fx.FirstBlockCache(threshold=0)
+    with torch.no_grad():
+        expected = model(**kwargs)
+        compiled = torch.compile(model, backend=para_fx.backend(cache=cache, compiler=compiler))
+        with para_fx.cache_session(compiled):
+            out = compiled(**kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert para_fx.cache_stats(compiled).computed == 1
+
+
 def test_new_resolution_recompiles_correctly():
     model, _ = joint_dit()
     compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
