@@ -86,7 +86,9 @@ def _check_prefix_mask(valid: torch.Tensor) -> None:
     """Refuse text masks with a valid token after a padded one (see :class:`MaskedJointAttnProcessor`).
 
     A mask is a prefix when it never rises from 0 to 1 along the sequence. The check stays in the
-    graph as one asynchronous assert, so it costs no host sync and no graph break.
+    graph as one asynchronous assert, so it costs no host sync and no graph break. On CPU it raises
+    a RuntimeError with this message; on CUDA it is a device-side assertion (the message is printed
+    and the process's CUDA context is lost), as for any failed device assert.
     """
     rises = valid[:, 1:] & ~valid[:, :-1]
     torch._assert_async(
