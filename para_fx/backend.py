@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .cache import CachedGraph, FirstBlockCache
-from .capture import capture_aten, flatten_subclasses
+from .capture import capture_aten, flatten_subclasses, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .passes.cache import insert_first_block_cache
 from .passes.shard import ShardSpec, shard
@@ -85,15 +85,16 @@ def para(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
-    if _is_dynamic(gm, example_inputs):
-        log.info("para_fx: graph with symbolic sizes; compiling one static specialization per input shape")
-        return _PerShape(gm, options)
+    scalars = scalar_reads(gm, example_inputs)
+    if scalars or _is_dynamic(gm, example_inputs):
+        log.info("para_fx: symbolic sizes or inputs read as numbers; compiling one graph per shape and value")
+        return _Specialized(gm, options, sorted(scalars))
     return _compile_static(gm, example_inputs, options)
 
 
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
     report = Report()
-    graph = capture_aten(gm, example_inputs)
+    graph = capture_aten(gm, example_inputs, scalars=scalar_reads(gm, example_inputs))
     subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
     if subclass_inputs:
         example_inputs = flatten_subclasses(example_inputs)
@@ -195,20 +196,23 @@ def _is_dynamic(gm: fx.GraphModule, example_inputs: list[Any]) -> bool:
     return False
 
 
-class _PerShape:
-    """Compiles and caches one static graph per concrete input shape.
+class _Specialized:
+    """Compiles and caches one static graph per concrete input shape and per value of the inputs
+    the graph reads as numbers.
 
     The shard pass splits sequences into uneven static chunks; rather than reason about
     symbolic chunk sizes, a graph Dynamo made dynamic is specialised at call time.
     """
 
-    def __init__(self, gm: fx.GraphModule, options: Options):
+    def __init__(self, gm: fx.GraphModule, options: Options, read_inputs: list[int]):
         self.gm = gm
         self.options = options
+        self.read_inputs = read_inputs
         self.compiled: dict[tuple, Callable[..., Any]] = {}
 
     def __call__(self, *args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key += tuple(args[i].item() for i in self.read_inputs)
         fn = self.compiled.get(key)
         if fn is None:
             fn = self.compiled[key] = _compile_static(self.gm, list(args), self.options)

@@ -18,20 +18,25 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
-def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], functional: bool = True) -> fx.GraphModule:
+def capture_aten(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], functional: bool = True, scalars: dict[int, Any] | None = None
+) -> fx.GraphModule:
     """Trace ``gm`` to aten with static shapes, keeping node metadata; ``example_inputs`` are concrete.
 
     Also used after a pass (``functional=False``) to inline the Python helpers a pass inserted
     and to give every new node its fake value. Tensor-subclass inputs (torchao's fp8 weights)
-    become their inner tensors: see :func:`flatten_subclasses`.
+    become their inner tensors: see :func:`flatten_subclasses`. ``scalars`` (from
+    :func:`scalar_reads`) are the values of the inputs the graph reads as numbers.
     """
     if any(is_traceable_wrapper_subclass(x) for x in example_inputs):
         return capture_aten(_desugar_subclasses(gm, example_inputs), flatten_subclasses(example_inputs), functional)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [_to_fake(fake_mode, x) for x in example_inputs]
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    read_values = {placeholders[i]: value for i, value in (scalars or {}).items()}
 
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        return _Interpreter(gm, read_values).run(*args)
 
     fn = torch.func.functionalize(run, remove="mutations") if functional else run
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
@@ -39,6 +44,43 @@ def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], functional: 
     traced.graph.eliminate_dead_code()
     traced.recompile()
     return traced
+
+
+def scalar_reads(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, Any]:
+    """Positions and values of the inputs the graph reads as Python numbers (``x.item()``).
+
+    Dynamo (2.11) passes some float attributes of modules (a LayerNorm's eps) as 0-dim CPU tensor
+    inputs and reads them back with ``.item()``; a fake trace cannot read a value, so the capture
+    uses the current one and the backend compiles one graph per value.
+    """
+    found = {}
+    for index, (node, value) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
+        if (
+            isinstance(value, torch.Tensor)
+            and not isinstance(value, FakeTensor)
+            and value.dim() == 0
+            and value.device.type == "cpu"
+            and any(_reads_number(user) for user in node.users)
+        ):
+            found[index] = value.item()
+    return found
+
+
+def _reads_number(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "item") or node.target is torch.Tensor.item
+
+
+class _Interpreter(fx.Interpreter):
+    """Runs a graph, answering ``.item()`` on the given placeholders with their known values."""
+
+    def __init__(self, gm: fx.GraphModule, read_values: dict[fx.Node, Any]):
+        super().__init__(gm)
+        self.read_values = read_values
+
+    def run_node(self, n: fx.Node) -> Any:
+        if _reads_number(n) and n.args[0] in self.read_values:
+            return self.read_values[n.args[0]]
+        return super().run_node(n)
 
 
 def _to_fake(mode: FakeTensorMode, x: Any) -> Any:

@@ -65,6 +65,17 @@ def test_quantized_weights_compile_through_their_inner_tensors(compiler):
     assert para_fx.cache_stats(compiled).computed == 1
 
 
+def test_inputs_read_as_numbers_compile_one_graph_per_value():
+    """Dynamo 2.11 hands a LayerNorm's eps over as a 0-dim tensor input read with .item()."""
+    graph = torch.fx.Graph()
+    x, eps = graph.placeholder("x"), graph.placeholder("eps")
+    graph.output((graph.call_function(torch.add, (x, graph.call_method("item", (eps,)))),))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    fn = para_fx.backend(compiler="eager")(gm, [torch.ones(3), torch.tensor(0.5)])
+    assert fn(torch.ones(3), torch.tensor(0.5))[0].tolist() == [1.5] * 3
+    assert fn(torch.ones(3), torch.tensor(2.0))[0].tolist() == [3.0] * 3  # a new value: a new graph, not a stale one
+
+
 def test_new_resolution_recompiles_correctly():
     model, _ = joint_dit()
     compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
