@@ -472,6 +472,27 @@ def addmm(node, pl, g):
     return replicated(node)
 
 
+@rule(aten._scaled_mm.default)
+def scaled_mm(node, pl, g):
+    """fp8 matmul (torchao): rows of ``a`` split with their per-row scales; a per-tensor scale,
+    the weight, its scale and the bias stay whole."""
+    a, b, scale_a, scale_b = node.args[:4]
+    bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
+    pa = pl[a]
+    whole = [x for x in (b, scale_b, bias) if isinstance(x, fx.Node)]
+    if isinstance(pa, Shard) and pa.dim == 0 and not any(isinstance(pl[x], Shard) for x in whole):
+        if val(scale_a).numel() == 1:
+            scale_p = REPLICATE
+        elif len(shape(scale_a)) == 2 and shape(scale_a)[0] == shape(a)[0]:
+            scale_p = Shard(0, pa.layout)
+        else:
+            return replicated(node, "fp8 matmul with a scale that is neither per-row nor per-tensor")
+        return Decision({a: pa, scale_a: scale_p, **{x: REPLICATE for x in whole}}, pa)
+    if any(isinstance(pl[x], Shard) for x in (a, b, scale_a, scale_b, *whole)):
+        return replicated(node, "fp8 matmul over the sharded dim")
+    return replicated(node)
+
+
 @rule(aten.bmm.default)
 def bmm(node, pl, g):
     a, b = node.args

@@ -367,4 +367,39 @@ def joint_dit(seed: int = 0, batch: int = 1, height: int = 14, width: int = 10, 
     return model, kwargs
 
 
-FACTORIES = {"patch_dit": patch_dit, "joint_dit": joint_dit}
+# --------------------------------------------------------------------------
+# fp8 linears, as torchao's dynamic fp8 quantization lowers them
+# --------------------------------------------------------------------------
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b through ``torch._scaled_mm``: per-row activation scales computed on the fly,
+    a per-row (per output channel) weight scale, like torchao's dynamic fp8 with PerRow()."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("bias", linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=torch.float32
+        )
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def fp8_patch_dit(seed: int = 0, **kwargs):
+    """PatchDiT whose MLPs run in fp8."""
+    model, inputs = patch_dit(seed, **kwargs)
+    for block in model.blocks:
+        block.mlp.fc1, block.mlp.fc2 = Fp8Linear(block.mlp.fc1), Fp8Linear(block.mlp.fc2)
+    return model, inputs
+
+
+FACTORIES = {"patch_dit": patch_dit, "joint_dit": joint_dit, "fp8_patch_dit": fp8_patch_dit}

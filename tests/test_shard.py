@@ -68,7 +68,7 @@ ALL = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_dit",
     "world, mesh_shape, names",
     [
         (2, (1, 1, 2), ALL),
-        (2, (1, 2, 1), ["flux", "wan", "joint_dit", "patch_dit"]),
+        (2, (1, 2, 1), ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit"]),
         (2, (2, 1, 1), ["patch_dit"]),
         (4, (1, 2, 2), ["flux", "hunyuan_video", "cogvideox", "sd3", "joint_dit"]),
         (4, (1, 4, 1), ["wan", "patch_dit"]),
