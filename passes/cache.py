@@ -105,6 +105,9 @@ def insert_first_block_cache(
 
     region_pairs = [(_residual_source(out, split.region, split.prefix_outputs), out) for out in split.outputs]
     prefix_pairs = _decision_streams(split, nodes.index)
+    if not prefix_pairs:
+        report.notes.append("first block cache not applied: the first blocks pass no floating-point value on")
+        return None
     new_gm, layout = _rewrite(gm, split, region_pairs, prefix_pairs, groups)
     report.cache = CacheRegion(
         computed_first=[b.name for b in blocks[:compute_first]],

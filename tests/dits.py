@@ -30,6 +30,11 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------
 
 
+def first_tensor(out):
+    """The output tensor of a model call (diffusers models return a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim]."""
     half = dim // 2

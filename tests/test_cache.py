@@ -5,16 +5,13 @@ import torch
 import torch.distributed as dist
 
 import dits
+from dits import first_tensor
 import para_fx
 from para_fx import zoo
 from para_fx.launch import run_ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
 TIMESTEP_SCALES = (1.0, 0.99, 0.6, 0.595, 0.3, 0.298)  # small and large changes between steps
-
-
-def first_tensor(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def at_step(kwargs, step):

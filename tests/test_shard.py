@@ -6,14 +6,11 @@ import torch.distributed as dist
 
 import para_fx
 import dits
+from dits import first_tensor
 from para_fx import zoo
 from para_fx.launch import run_ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
-
-
-def first_tensor(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def shard_models(mesh_shape, names, compiler="aot_eager", factory_kwargs=None):
