@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,16 +38,23 @@ class Options:
     mesh: DeviceMesh | None = None
     cache: FirstBlockCache | None = None
     compiler: str = "inductor"
+    inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
 
 
 class ParaBackend:
-    """A Dynamo backend: ``(GraphModule, example_inputs) -> callable``."""
+    """A Dynamo backend: ``(GraphModule, example_inputs) -> callable``.
+
+    ``torch.compile(model, backend=..., mode=..., options=...)`` hands ``mode`` and ``options`` to
+    the backend; they configure the Inductor compile of the transformed graph.
+    """
 
     def __init__(self, options: Options):
         self.options = options
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_graph(gm, list(example_inputs), self.options)
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: dict | None = None
+    ) -> Callable[..., Any]:
+        return compile_graph(gm, list(example_inputs), with_inductor_settings(self.options, mode, options))
 
     def __repr__(self) -> str:
         return f"para_fx.backend({self.options})"
@@ -76,12 +83,41 @@ def backend(
 _DEFAULT_MESH: list[DeviceMesh | None] = []
 
 
-def para(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+def para(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: dict | None = None
+) -> Callable[..., Any]:
     """``backend="para"``: the default mesh (all ranks Ulysses) when distributed, else one device."""
     if not _DEFAULT_MESH:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         _DEFAULT_MESH.append(init_mesh() if distributed else None)
-    return compile_graph(gm, list(example_inputs), Options(mesh=_DEFAULT_MESH[0]))
+    return compile_graph(gm, list(example_inputs), with_inductor_settings(Options(mesh=_DEFAULT_MESH[0]), mode, options))
+
+
+def with_inductor_settings(options: Options, mode: str | None, settings: dict | None) -> Options:
+    """``options`` with torch.compile's ``mode`` / ``options`` turned into Inductor config patches.
+
+    Unknown modes and option names are refused here, at the first compile, rather than ignored.
+    """
+    if mode is None and not settings:
+        return options
+    from torch._inductor import config, list_mode_options
+
+    if options.compiler != "inductor":
+        raise ValueError(
+            f"para_fx: mode={mode!r} / options={settings!r} configure Inductor, but this backend's "
+            f"compiler is {options.compiler!r}"
+        )
+    patches = dict(options.inductor)
+    if mode is not None:
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if mode not in modes:
+            raise ValueError(f"para_fx: unknown mode {mode!r}; torch.compile's modes are {modes}")
+        patches.update(list_mode_options(mode))
+    unknown = sorted(set(settings or {}) - set(config._config))
+    if unknown:
+        raise ValueError(f"para_fx: unknown Inductor options {unknown} (see torch._inductor.list_options())")
+    patches.update(settings or {})
+    return dataclasses.replace(options, inductor=patches)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
@@ -106,7 +142,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
-    compiled = _inner_compile(graph, example_inputs, options.compiler)
+    compiled = _inner_compile(graph, example_inputs, options)
     if layout is not None:
         compiled = CachedGraph(compiled, layout, options.cache)
     return _FlattenSubclasses(compiled) if subclass_inputs else compiled
@@ -172,16 +208,37 @@ def recording():
         _RECORDERS.remove(report)
 
 
-def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable[..., Any]:
-    if compiler == "eager":
+def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
+    if options.compiler == "eager":
         return graph
-    if compiler == "aot_eager":
+    if options.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(graph, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(graph, example_inputs)
+    patches = {**overlap_settings(), **options.inductor}
+    return compile_fx(graph, example_inputs, config_patches=patches)
+
+
+# Inductor's scheduler passes that move each collective's start as early, and its wait as late, as
+# the data allows, so all-to-alls and ring transfers run under independent compute.
+OVERLAP_PASSES = ("sink_waits", "raise_comms", "reorder_compute_for_overlap")
+
+
+def overlap_settings() -> dict[str, Any]:
+    """Inductor config that turns on communication/computation overlap (off by default in torch).
+
+    The scheduler-level passes exist under these names in torch 2.11 and 2.13; a torch that lacks
+    one gets the passes it has, and one without the switch gets nothing (and a log line).
+    """
+    from torch._inductor import comms, config
+
+    if not hasattr(config, "reorder_for_compute_comm_overlap"):
+        log.info("para_fx: this torch's Inductor has no reorder_for_compute_comm_overlap; collectives are not reordered")
+        return {}
+    passes = [name for name in OVERLAP_PASSES if hasattr(comms, name)]
+    return {"reorder_for_compute_comm_overlap": bool(passes), "reorder_for_compute_comm_overlap_passes": passes}
 
 
 def _is_dynamic(gm: fx.GraphModule, example_inputs: list[Any]) -> bool:

@@ -1,0 +1,63 @@
+"""torch.compile's mode/options and para's comm/compute overlap settings reach the Inductor compile."""
+
+import pytest
+import torch
+import torch._inductor.comms as comms
+from torch._inductor import config
+
+import para_fx
+from para_fx.backend import OVERLAP_PASSES
+
+
+def compile_and_record(monkeypatch, **compile_kwargs):
+    """Compile a small model with the para backend; the Inductor config its scheduler saw."""
+    seen = []
+    original = comms.reorder_compute_and_comm_for_overlap
+
+    def record(nodes):
+        seen.append(dict(passes=list(config.reorder_for_compute_comm_overlap_passes), max_autotune=config.max_autotune,
+                         epilogue_fusion=config.epilogue_fusion))
+        return original(nodes)
+
+    monkeypatch.setattr(comms, "reorder_compute_and_comm_for_overlap", record)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    x = torch.randn(4, 8)
+    compiled = torch.compile(model, **compile_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    torch._dynamo.reset()
+    return seen
+
+
+def test_overlap_passes_reach_inductor(monkeypatch):
+    seen = compile_and_record(monkeypatch, backend=para_fx.backend(), options={"force_disable_caches": True})
+    assert seen, "Inductor's scheduler never ran the comm/compute reordering"
+    assert seen[0]["passes"] == [p for p in OVERLAP_PASSES if hasattr(comms, p)]
+    assert seen[0]["passes"], "no overlap pass of para's list exists in this torch"
+
+
+def test_mode_and_options_reach_inductor(monkeypatch):
+    seen = compile_and_record(
+        monkeypatch, backend="para", mode="max-autotune-no-cudagraphs",
+    )
+    assert seen and seen[0]["max_autotune"] is True
+    seen = compile_and_record(
+        monkeypatch, backend="para", options={"force_disable_caches": True, "epilogue_fusion": False}
+    )
+    assert seen and seen[0]["epilogue_fusion"] is False
+
+
+def test_bad_mode_and_options_are_refused():
+    model = torch.nn.Linear(4, 4)
+    for kwargs, message in (
+        (dict(mode="fastest"), "unknown mode 'fastest'"),
+        (dict(options={"no_such_option": 1}), "unknown Inductor options"),
+    ):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            torch.compile(model, backend="para", **kwargs)(torch.randn(2, 4))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="compiler is 'aot_eager'"):
+        torch.compile(model, backend=para_fx.backend(compiler="aot_eager"), mode="max-autotune")(torch.randn(2, 4))
+    torch._dynamo.reset()
