@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,9 +50,13 @@ class FirstBlockCache:
     """Skip the middle transformer blocks while the first blocks' residual barely changes.
 
     ``threshold``: relative L1 change of the first blocks' residual below which a step is
-    skipped (0 never skips; may be changed between calls). ``warmup_steps``: steps always computed
-    at the start of a session. ``max_consecutive_skips``: None for no cap. ``compute_first`` /
-    ``compute_last``: blocks always computed at the start / end of the block stack.
+    skipped (0 never skips). ``warmup_steps``: steps always computed at the start of a session.
+    ``max_consecutive_skips``: None for no cap. ``compute_first`` / ``compute_last``: blocks
+    always computed at the start / end of the block stack.
+
+    Every assignment is checked, not only the constructor's: the runtime reads ``threshold``,
+    ``warmup_steps`` and ``max_consecutive_skips`` at each call, so they may be changed between
+    calls, while ``compute_first`` / ``compute_last`` are compiled into the graph and are fixed.
     """
 
     threshold: float = 0.08
@@ -60,17 +65,18 @@ class FirstBlockCache:
     compute_first: int = 1
     compute_last: int = 0
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _CHECKS.get(name)
+        if check is not None:
+            if name in _COMPILED and "_states" in self.__dict__:
+                raise AttributeError(
+                    f"FirstBlockCache: {name} is compiled into the graph; make a new FirstBlockCache "
+                    "(and compile again) to change it"
+                )
+            value = check(name, value)
+        object.__setattr__(self, name, value)
+
     def __post_init__(self):
-        if self.threshold < 0:
-            raise ValueError(f"FirstBlockCache: threshold must be >= 0, got {self.threshold}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"FirstBlockCache: warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 0:
-            raise ValueError(f"FirstBlockCache: max_consecutive_skips must be None or >= 0, got {self.max_consecutive_skips}")
-        if self.compute_first < 1:
-            raise ValueError(f"FirstBlockCache: compute_first must be >= 1 (its residual drives the decision), got {self.compute_first}")
-        if self.compute_last < 0:
-            raise ValueError(f"FirstBlockCache: compute_last must be >= 0, got {self.compute_last}")
         self._states: dict[tuple[str, int], _ContextState] = {}
         self._context = "default"
         self._stats = CacheStats()
@@ -99,6 +105,39 @@ class FirstBlockCache:
             self._stats.diffs.append(diff)
 
 
+def _threshold(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"FirstBlockCache: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"FirstBlockCache: {name} must be >= 0, got {value}")
+    return float(value)
+
+
+def _count(least: int, optional: bool = False) -> Callable[[str, Any], int | None]:
+    def check(name: str, value: Any) -> int | None:
+        if optional and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            kind = "None or an int" if optional else "an int"
+            raise TypeError(f"FirstBlockCache: {name} must be {kind}, got {type(value).__name__} {value!r}")
+        if value < least:
+            why = " (its residual drives the decision)" if name == "compute_first" else ""
+            raise ValueError(f"FirstBlockCache: {name} must be >= {least}{why}, got {value}")
+        return value
+
+    return check
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "threshold": _threshold,
+    "warmup_steps": _count(0),
+    "max_consecutive_skips": _count(0, optional=True),
+    "compute_first": _count(1),
+    "compute_last": _count(0),
+}
+_COMPILED = ("compute_first", "compute_last")
+
+
 class CachedGraph:
     """A compiled graph with the cache pass's extra inputs and outputs, called like the original."""
 
@@ -125,7 +164,8 @@ class CachedGraph:
         allow = cache._may_skip(state)
         prefix = state.prefix or [spec.zeros() for spec in layout.prefix_state]
         region = state.region or [spec.zeros() for spec in layout.region_state]
-        outs = self.compiled(*args, *prefix, *region, *self._flags(allow, float(cache.threshold)))
+        with torch.no_grad():  # inference only: the stored residuals must not keep an autograd graph alive
+            outs = self.compiled(*args, *prefix, *region, *self._flags(allow, cache.threshold))
         n, k, m = layout.user_outputs, len(prefix), len(region)
         skipped = bool(outs[n + k + m + 1])
         diff = float(outs[n + k + m]) if state.prefix is not None else None

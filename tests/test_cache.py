@@ -174,6 +174,48 @@ def test_bad_settings_are_rejected():
         para_fx.cache_stats(torch.compile(torch.nn.Linear(2, 2), backend=para_fx.backend()))
 
 
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("threshold", "0.1", TypeError, "threshold must be a number, got str '0.1'"),
+        ("threshold", True, TypeError, "threshold must be a number"),
+        ("threshold", float("nan"), ValueError, "threshold must be >= 0"),
+        ("warmup_steps", 1.5, TypeError, "warmup_steps must be an int"),
+        ("max_consecutive_skips", -1, ValueError, "max_consecutive_skips must be >= 0"),
+        ("compute_last", "1", TypeError, "compute_last must be an int"),
+    ],
+)
+def test_settings_are_checked_by_type_and_range(field, value, error, message):
+    with pytest.raises(error, match=message):
+        para_fx.FirstBlockCache(**{field: value})
+
+
+def test_assignments_after_construction_are_checked():
+    cache = para_fx.FirstBlockCache(threshold=0.08)
+    with pytest.raises(ValueError, match="threshold must be >= 0, got -1"):
+        cache.threshold = -1
+    with pytest.raises(TypeError, match="max_consecutive_skips must be None or an int"):
+        cache.max_consecutive_skips = "2"
+    assert cache.threshold == 0.08 and cache.max_consecutive_skips is None
+    cache.threshold, cache.warmup_steps = 0.2, 3  # read at every call: allowed between calls
+    assert (cache.threshold, cache.warmup_steps) == (0.2, 3)
+    with pytest.raises(AttributeError, match="compute_first is compiled into the graph"):
+        cache.compute_first = 2
+    assert cache.compute_first == 1
+
+
+def test_a_call_with_autograd_on_keeps_no_graph_in_the_state():
+    model, kwargs = zoo.flux()
+    cache = para_fx.FirstBlockCache(threshold=0.08)
+    fn = compiled(model, cache)
+    with para_fx.cache_session(fn):
+        for step in range(2):  # grad mode on, as a user who forgot torch.no_grad() runs it
+            fn(**at_step(kwargs, step))
+    state = next(iter(cache._states.values()))
+    assert all(not t.requires_grad for t in state.prefix + state.region)
+    assert para_fx.cache_stats(fn).steps == 2
+
+
 # --- the same decisions on every rank ------------------------------------------------------------
 
 MODELS = ("flux", "wan", "patch_dit")
