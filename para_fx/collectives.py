@@ -1,7 +1,9 @@
 """Redistributions between placements, written with functional collectives.
 
 The shard pass inserts calls to these functions; re-tracing the graph inlines them as aten ops
-and ``_c10d_functional`` collectives that Inductor can schedule.
+and ``_c10d_functional`` collectives that Inductor can schedule. The all-gather calls the
+``_c10d_functional`` op itself: its Python wrapper was renamed between torch 2.11
+(``all_gather_tensor``) and 2.13 (``all_gather_single``, the old name warning), the op was not.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def gather(x: torch.Tensor, dim: int, layout: Layout, parts: int, group: str) ->
     x = x.movedim(dim, 0)
     if x.shape[0] < longest:
         x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1) + [0, longest - x.shape[0]])
-    gathered = funcol.all_gather_tensor(x.contiguous(), 0, group).view(parts, longest, *x.shape[1:])
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(x.contiguous(), parts, group)
+    gathered = torch.ops._c10d_functional.wait_tensor(gathered).view(parts, longest, *x.shape[1:])
     pieces = []
     for segment in range(len(layout)):
         for rank in range(parts):

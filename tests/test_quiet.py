@@ -1,0 +1,68 @@
+"""Quiet runs: para-fx's own code warns about nothing, and never imports torchao unless weights are torchao's."""
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from para_fx import collectives
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A Python warning attributed to a file of this repository: "/.../para_fx/cache.py:131: UserWarning: ..."
+OWN_WARNING = re.compile(r"/(para_fx|passes|adapters|examples)/[\w/]+\.py:\d+: \w*Warning")
+
+
+def test_gather_warns_nothing_eagerly_or_traced():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        group = dist.group.WORLD.group_name
+        gather = lambda x: collectives.gather(x, 0, ((5, 1),), 2, group)  # 5 rows, 3 of them on rank 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert gather(torch.randn(3, 4)).shape == (5, 4)
+            graph = make_fx(gather)(torch.randn(3, 4))
+    finally:
+        dist.destroy_process_group()
+    ops = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert "_c10d_functional.all_gather_into_tensor.default" in ops
+    assert "_c10d_functional.wait_tensor.default" in ops
+
+
+def test_the_backend_does_not_import_torchao():
+    code = (
+        "import sys, torch, para_fx\n"
+        "from dits import patch_dit\n"
+        "model, kwargs = patch_dit()\n"
+        "cache = para_fx.FirstBlockCache(0.08)\n"
+        "with torch.no_grad():\n"
+        "    torch.compile(model, backend=para_fx.backend(cache=cache, compiler='eager'))(**kwargs)\n"
+        "    para_fx.explain(model, kwargs=kwargs, world_size=2)\n"
+        "print('torchao imported' if 'torchao' in sys.modules else 'no torchao')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("no torchao"), result.stdout[-3000:]
+
+
+def test_demo_without_torchao_prints_no_warning(tmp_path):
+    """The demo as installed without the fp8 extra: torchao hidden (diffusers imports it whenever
+    it is installed), every warning shown, in the parent and in the ranks it spawns."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torchao'] = None  # find_spec says: not installed\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "always"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "demo.py")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith("MATCH"), result.stdout[-3000:]
+    assert not OWN_WARNING.search(result.stderr), result.stderr[-3000:]
+    for noise in ("torchao", "_pytree", "Warning"):
+        assert noise not in result.stderr, result.stderr[-3000:]
