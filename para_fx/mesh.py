@@ -28,9 +28,7 @@ def init_mesh(
     Returns None when torch.distributed is not initialised and every degree is 1: that is the
     single-device case, which ``para_fx.backend(mesh=None)`` also accepts.
     """
-    for name, degree in (("ulysses", ulysses), ("ring", ring), ("batch", batch)):
-        if degree is not None and (not isinstance(degree, int) or degree < 1):
-            raise ValueError(f"init_mesh: {name} must be a positive int, got {degree!r}")
+    _check_positive(ulysses=ulysses, ring=ring, batch=batch)
     if not (dist.is_available() and dist.is_initialized()):
         asked = {n: d for n, d in (("ulysses", ulysses), ("ring", ring), ("batch", batch)) if d and d > 1}
         if asked:
@@ -40,7 +38,16 @@ def init_mesh(
                 "torch.distributed.init_process_group() first."
             )
         return None
-    world = dist.get_world_size()
+    batch, ring, ulysses = mesh_degrees(dist.get_world_size(), ulysses, ring, batch)
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() != "gloo" else "cpu"
+    return init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=MESH_DIMS)
+
+
+def mesh_degrees(world: int, ulysses: int | None = None, ring: int | None = None, batch: int = 1) -> tuple[int, int, int]:
+    """``(batch, ring, ulysses)`` that :func:`init_mesh` gives ``world`` ranks; ``ValueError`` when
+    the degrees do not fit. Pure arithmetic: callers can check degrees before any process starts."""
+    _check_positive(world_size=world, ulysses=ulysses, ring=ring, batch=batch)
     if world % batch:
         raise ValueError(f"init_mesh: batch={batch} does not divide the world size {world}")
     seq = world // batch
@@ -58,9 +65,13 @@ def init_mesh(
             f"init_mesh: batch={batch} x ring={ring} x ulysses={ulysses} must multiply to the "
             f"world size {world}"
         )
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() != "gloo" else "cpu"
-    return init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=MESH_DIMS)
+    return batch, ring, ulysses
+
+
+def _check_positive(**degrees: int | None) -> None:
+    for name, degree in degrees.items():
+        if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+            raise ValueError(f"init_mesh: {name} must be a positive int, got {degree!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from para_fx import zoo
 from para_fx.cli import main
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -28,12 +29,13 @@ def test_explain_factory_in_subprocess_writes_html(tmp_path):
     assert "<h2>attention sites (2)</h2>" in html.read_text()
 
 
-def test_explain_builtin_example(capsys):
+def test_explain_builtin_example_infers_the_world_size(capsys):
     torch._dynamo.reset()
-    assert main(["explain", "--example", "flux", "--world-size", "2"]) == 0
+    assert main(["explain", "--example", "flux", "--ulysses", "2"]) == 0  # no --world-size: 2 ranks
     torch._dynamo.reset()
     out = capsys.readouterr().out
     assert "attention sites (4):" in out and out.count(" ulysses ") == 4
+    assert out.count(" 22/42 ") == 4  # 42 query tokens split over 2 ranks
     assert "transformer_blocks.0" in out and "single_transformer_blocks.1" in out  # the blocks table
 
 
@@ -43,3 +45,57 @@ def test_explain_rejects_bad_targets(capsys):
     assert "MODULE:FACTORY or --example" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no function 'nothing'"):
         main(["explain", f"{TESTS}/dits.py:nothing"])
+
+
+def one_line_error(capsys, argv, usage):
+    """stderr of a failing run: usage errors print and exit 2, the others exit with their message (status 1)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code = info.value.code
+    if usage:
+        assert code == 2, code
+        err = capsys.readouterr().err
+    else:
+        assert isinstance(code, str), code
+        err = code
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_missing_module_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "para_fx", "explain", "nosuchmod:make"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "explain: cannot import 'nosuchmod' (No module named 'nosuchmod'); run from the folder that "
+        "holds it, or give path/to/file.py:make"
+    )
+
+
+def test_arguments_are_checked_before_the_model_is_built(capsys, monkeypatch):
+    def never(**kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setitem(zoo.FACTORIES, "flux", never)
+    flux = ["explain", "--example", "flux"]
+    err = one_line_error(capsys, [*flux, "--world-size", "3", "--ulysses", "2"], usage=True)
+    assert "ulysses=2 does not divide the world size 3" in err
+    err = one_line_error(capsys, [*flux, "--cache", "-1"], usage=True)
+    assert "the threshold must be >= 0, got -1" in err
+    err = one_line_error(capsys, [*flux, "--ulysses", "2", "--rank", "2"], usage=True)
+    assert "--rank 2 is not in [0, 2)" in err
+    err = one_line_error(capsys, [*flux, "--ring", "0"], usage=True)
+    assert "must be >= 1, got 0" in err
+
+
+def test_an_error_in_the_model_is_one_line_unless_verbose(capsys, monkeypatch):
+    def broken():
+        raise RuntimeError("the factory failed\nsecond line")
+
+    monkeypatch.setitem(zoo.FACTORIES, "flux", broken)
+    err = one_line_error(capsys, ["explain", "--example", "flux"], usage=False)
+    assert "explain flux: RuntimeError: the factory failed (-v for the traceback)" in err
+    with pytest.raises(RuntimeError, match="the factory failed"):
+        main(["explain", "--example", "flux", "-v"])
