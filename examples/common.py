@@ -71,12 +71,15 @@ def parse_args(
     p.add_argument("--runs", type=int, default=2, help="generations; the first one compiles")
     p.add_argument("--max-ring", type=int, default=max_ring_dim_size, help="largest ring degree")
     p.add_argument("--max-batch", type=int, default=max_batch_dim_size, help="largest CFG-batch degree")
-    p.add_argument("--compiler", default=None, help='inner compiler: "inductor" (default), "aot_eager" (--tiny default), "eager"')
-    p.add_argument("--mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
+    p.add_argument("--compiler", default=None,
+                   help='inner compiler: "inductor" (default), "aot_eager" (--tiny default unless --mode), "eager"')
+    p.add_argument("--mode", default=None, help='torch.compile mode for Inductor, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--out", default=f"{name}.{out_extension}", help="output file (a video as .mp4 needs imageio; .gif does not)")
     args = p.parse_args(argv)
-    if args.compiler is None:
-        args.compiler = "aot_eager" if args.tiny else "inductor"
+    if args.compiler is None:  # a mode configures Inductor, so it asks for Inductor even with --tiny
+        args.compiler = "aot_eager" if args.tiny and args.mode is None else "inductor"
+    elif args.mode is not None and args.compiler != "inductor":
+        p.error(f"--mode configures Inductor; it cannot go with --compiler {args.compiler}")
     return args
 
 
@@ -127,7 +130,10 @@ def device_of(args: argparse.Namespace) -> str:
 
 def quantize_fp8(module: torch.nn.Module) -> None:
     """fp8 weights and dynamically quantised fp8 activations for every linear layer (torchao)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    except ImportError as e:
+        raise SystemExit(f"--fp8 needs torchao: pip install -e '.[fp8]' ({e})") from None
 
     quantize_(module, Float8DynamicActivationFloat8WeightConfig())
 

@@ -65,3 +65,16 @@ def test_example_runs_on_two_ranks_and_saves(name, tmp_path):
         assert "of 4 transformer calls" in stdout, log  # 2 steps, cond and uncond
     if name == "plain_dit":
         assert "max abs error vs eager on one process" in stdout, log
+
+
+def test_mode_asks_for_inductor_even_with_tiny():
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import common
+    finally:
+        sys.path.remove(EXAMPLES)
+    parse = lambda *flags: common.parse_args("", "flux", out_extension="png", argv=list(flags))
+    assert parse("--tiny").compiler == "aot_eager"
+    assert parse("--tiny", "--mode", "max-autotune-no-cudagraphs").compiler == "inductor"
+    with pytest.raises(SystemExit):
+        parse("--tiny", "--mode", "max-autotune", "--compiler", "aot_eager")
