@@ -9,6 +9,7 @@ stable across torch releases, and ``functionalize`` removes in-place ops.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import torch
@@ -42,8 +43,38 @@ def capture_aten(
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
         traced = make_fx(fn, pre_dispatch=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
+    _name_inputs(gm, traced)
     traced.recompile()
     return traced
+
+
+def _name_inputs(gm: fx.GraphModule, traced: fx.GraphModule) -> None:
+    """Give the traced graph's inputs (``make_fx`` names them ``arg0_1``, ...) the names of the
+    model's values they hold (``hidden_states``, ``transformer_blocks_0_attn_to_q_weight``), so
+    that reports and dumps say which parameter or argument an input is."""
+    sources = list(gm.graph.find_nodes(op="placeholder"))
+    targets = list(traced.graph.find_nodes(op="placeholder"))
+    if len(sources) != len(targets):  # tensor-subclass inputs were flattened: no one-to-one map
+        return
+    for source, target in zip(sources, targets):
+        target._rename(input_name(source))
+        target.target = target.name
+
+
+def input_name(placeholder: fx.Node) -> str:
+    """A Dynamo graph input's name from the model's point of view, as an identifier:
+    ``L['self']...._modules['attn']._parameters['weight']`` -> ``attn_weight``,
+    ``L['kwargs']['hidden_states']`` -> ``hidden_states``; other graphs keep their names."""
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    text = getattr(source, "name", None)
+    text = text() if callable(text) else text  # a method on torch 2.11, a property on 2.13
+    if not text:
+        return placeholder.name
+    path = re.sub(r"^L\['(self|kwargs|args)'\]", "", text)
+    path = re.sub(r"\.(?:__dict__\['_modules'\]|_modules|_parameters|_buffers)\[", "[", path)
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", re.sub(r"^L\[", "[", path))
+    name = re.sub(r"\W+", "_", path).strip("_")
+    return name or placeholder.name
 
 
 def scalar_reads(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, Any]:

@@ -204,3 +204,12 @@ def test_explain_asks_for_world_size_without_process_group():
     model, kwargs = tiny_dit()
     with pytest.raises(ValueError, match="world_size"):
         para_fx.explain(model, kwargs=kwargs, ulysses=2)
+
+
+def test_graph_inputs_carry_the_models_names():
+    model, kwargs = tiny_dit()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    for name in ("captured", "shard_seq"):
+        inputs = [r.name for r in report.passes()[name].rows if r.op == "placeholder"]
+        assert "x" in inputs and "blocks_0_attn_qkv_weight" in inputs, inputs
+        assert not any(re.fullmatch(r"arg\d+_\d+", n) for n in inputs), inputs
