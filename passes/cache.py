@@ -29,7 +29,7 @@ import torch.distributed._functional_collectives as funcol
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx as fx
 
-from para_fx.report import Report
+from para_fx.report import Report, module_path
 
 from .blocks import Block, find_blocks
 
@@ -120,8 +120,10 @@ def insert_first_block_cache(
 
 
 def _stream(src: fx.Node | None, out: fx.Node) -> str:
+    """``made in -> read from [shape]``, by module path: graph node names mean nothing to a reader."""
     shape = "x".join(map(str, out.meta["val"].shape))
-    return f"{src.name if src is not None else '(none: the value itself)'} -> {out.name} [{shape}]"
+    where = lambda node: module_path(node) or "the model's forward"
+    return f"{where(src) if src is not None else '(none: the value itself)'} -> {where(out)} [{shape}]"
 
 
 @dataclasses.dataclass

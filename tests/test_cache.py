@@ -52,6 +52,11 @@ def test_one_graph_with_a_cond_around_the_middle_blocks():
     assert report.cache.computed_first == ["transformer_blocks.0"]
     assert report.cache.skippable == report.blocks[1:]
     assert "torch.cond" in str(report)
+    # said by module, not by graph node: the image stream from the first block to the last
+    assert report.cache.streams == ["transformer_blocks.0 -> single_transformer_blocks.1 [1x35x64]"]
+    assert report.cache.decision == [
+        "x_embedder -> transformer_blocks.0 [1x35x64]", "context_embedder -> transformer_blocks.0 [1x7x64]"
+    ]
 
 
 def test_compute_last_keeps_the_last_blocks_out_of_the_cond():
