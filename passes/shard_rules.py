@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from para_fx.passes.dtensor_rules import dtensor_placements
 from para_fx.placement import (
     REPLICATE,
     Layout,
@@ -524,6 +525,18 @@ def layer_norm(node, pl, g):
     return keep(node, pl, x, [p, p, p])
 
 
+@rule(aten._fused_rms_norm.default)
+def rms_norm(node, pl, g):
+    """CUDA's capture of ``F.rms_norm`` (CPU decomposes it to pointwise ops): (output, rstd)."""
+    x, normalized = node.args[0], node.args[1]
+    p = pl[x]
+    if not isinstance(p, Shard):
+        return replicated(node)
+    if p.dim >= len(shape(x)) - len(normalized):
+        return replicated(node, "normalises over the sharded dim")
+    return keep(node, pl, x, [p, p])
+
+
 @rule(aten.native_group_norm.default)
 def group_norm(node, pl, g):
     x = node.args[0]
@@ -631,6 +644,11 @@ def decide(node: fx.Node, pl: dict, g: Group) -> Decision:
         fn = pointwise
     if fn is None:
         sharded = any(not isinstance(pl[a], Replicate) for a in tensor_inputs(node))
-        return replicated(node, f"no sharding rule for {node.target}" if sharded else None)
+        if not sharded:
+            return replicated(node)
+        answer = dtensor_placements(node, pl, g.parts, g.rank)
+        if answer is not None:
+            return Decision(*answer)
+        return replicated(node, f"no sharding rule for {node.target}")
     return fn(node, pl, g)
 
