@@ -173,9 +173,9 @@ class Report:
                 sites,
             ),
             Table(
-                f"fallbacks ({len(self.fallbacks)})",
+                f"fallbacks ({len(self.fallbacks)}; {len(self.fallbacks_in_blocks())} inside the blocks, listed first)",
                 ["op", "reason", "source", "module"],
-                [[f.op, f.reason, f.source, f.module] for f in self.fallbacks],
+                [[f.op, f.reason, f.source, f.module] for f in self.fallbacks_by_cost()],
             ),
             Table(
                 f"collectives ({len(self.collectives)}, {total / 2**20:.2f} MiB per call)",
@@ -185,11 +185,29 @@ class Report:
             Table("summary", [], self.summary()),
         ]
 
+    def in_blocks(self, module: str) -> bool:
+        """Whether a module path lies inside one of the transformer blocks (where a gather repeats per block)."""
+        return any(module == b or module.startswith(b + ".") for b in self.blocks)
+
+    def fallbacks_in_blocks(self) -> list[Fallback]:
+        return [f for f in self.fallbacks if self.in_blocks(f.module)]
+
+    def fallbacks_by_cost(self) -> list[Fallback]:
+        """Fallbacks inside the blocks first: they gather once per block, the others once per step."""
+        return sorted(self.fallbacks, key=lambda f: not self.in_blocks(f.module))
+
     def summary(self) -> list[list[str]]:
         total = sum(c.bytes for c in self.collectives)
+        needed = sum(c.bytes for c in self.collectives if c.site is not None)
         rows = [
             ["graphs compiled", str(self.graph_count)],
+            ["fallbacks", f"{len(self.fallbacks_in_blocks())} inside the transformer blocks, {len(self.fallbacks)} in all"],
             ["collectives per step", f"{len(self.collectives)} ({format_bytes(total)})"],
+            [
+                "communication against the minimum",
+                f"{format_bytes(total)} moved, {format_bytes(needed)} of it by the attention sites' own transport"
+                + (f" ({total / needed:.2f}x)" if needed else ""),
+            ],
         ]
         single = sum(g.passes[0].flops for g in self.compiled if g.passes)
         local = sum(g.passes[-1].flops for g in self.compiled if g.passes)

@@ -131,6 +131,12 @@ def test_report_sites_fallbacks_collectives_and_summary():
     assert "all_to_all_single x3" in text
     assert "aten.cumsum.default" in text and "CUMSUM_LINE" in text
     assert "FLOPs sharded (estimate)" in text and "over 2 ranks" in text
+    summary = dict(report.summary())
+    assert summary["fallbacks"] == "2 inside the transformer blocks, 2 in all"
+    needed = sum(c.bytes for c in report.collectives if c.site is not None)
+    total = sum(c.bytes for c in report.collectives)
+    assert total > needed > 0  # the cumsum gathers on top of the attention's all-to-alls
+    assert f"({total / needed:.2f}x)" in summary["communication against the minimum"]
 
 
 def test_dump_dir_writes_every_pass_and_diffs(tmp_path, monkeypatch):
@@ -176,7 +182,7 @@ def test_html_is_self_contained(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<h2>fallbacks (2)</h2>" in dom.stdout and "all_to_all_single" in dom.stdout
+    assert "<h2>fallbacks (2; 2 inside the blocks, listed first)</h2>" in dom.stdout and "all_to_all_single" in dom.stdout
 
 
 def nodes(report: Report, pass_name: str) -> list[tuple[str, str, str, str]]:
