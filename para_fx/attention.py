@@ -298,15 +298,27 @@ def _cuda_attention_with_lse(q, k, v, bias, scale):
         q.dtype, q.shape[-1], bias is not None, torch.cuda.get_device_capability(q.device),
         torch.backends.cuda.cudnn_sdp_enabled(),
     )
-    if kernel == "cudnn":
-        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
-        return out, lse.reshape(q.shape[:3])  # cuDNN's log-sum-exp is [B, H, L, 1]
-    if kernel == "flash":
-        return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return LSE_KERNELS[kernel](q, k, v, bias, scale)
+
+
+def _cudnn_with_lse(q, k, v, bias, scale):
+    out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3])  # cuDNN's log-sum-exp is [B, H, L, 1]
+
+
+def _flash_with_lse(q, k, v, bias, scale):
+    return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+
+
+def _efficient_with_lse(q, k, v, bias, scale):
     if bias is not None:
         bias = _aligned_bias(bias).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
     return out, lse[..., : q.shape[2]]
+
+
+# (q, k, v, bias or None, scale) -> (out, lse [B, H, L]); lse_kernel picks one
+LSE_KERNELS = {"cudnn": _cudnn_with_lse, "flash": _flash_with_lse, "efficient": _efficient_with_lse}
 
 
 def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
