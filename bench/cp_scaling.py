@@ -75,6 +75,8 @@ class Job:
         self.errors: dict[str, str] = {}
 
     def measure(self, key: str, prepare) -> None:
+        if self.args.meshes and key.split("/")[2] not in self.args.meshes:
+            return
         """``prepare()`` -> a compiled step; times it on every rank, keeps the slowest rank's median."""
         try:
             harness.free_memory()
@@ -84,6 +86,8 @@ class Job:
             slowest = torch.tensor([harness.median(times), compile_s], dtype=torch.float64, device=self.device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             self.runs[key] = {"ms": round(slowest[0].item(), 3), "compile_s": round(slowest[1].item(), 2)}
+            if self.args.profile and self.device.type == "cuda":
+                self.runs[key]["profile"] = harness.kernel_profile(step, inputs, self.device)
             if self.rank == 0:
                 print(f"[cp_scaling] world {self.world} {key}: {self.runs[key]['ms']:.2f} ms/step", flush=True)
         except Exception as error:  # one configuration failing must not lose the job
@@ -93,15 +97,19 @@ class Job:
         finally:
             harness.free_memory()
             dist.barrier()
+            self.save()  # after every run: a job cut short keeps what it measured
 
-    def para(self, model_name: str, ring: int, ulysses: int, fp8: bool):
+    def para(self, model_name: str, ring: int, ulysses: int, fp8: bool, overlap: bool = True):
         import para_fx
 
         model, inputs = build(model_name, self.args.tiny, self.device, self.args.text_len)
         if fp8:
             harness.quantize_fp8(model, self.args.fp8_granularity)
         mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses, device_type=self.device.type) if self.world > 1 else None
-        compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler=self.args.compiler))
+        backend = para_fx.backend(mesh=mesh, compiler=self.args.compiler)
+        # without para's comm/compute reordering: the "before" of the overlap comparison
+        options = None if overlap else {"reorder_for_compute_comm_overlap": False}
+        compiled = torch.compile(model, backend=backend, options=options)
         return (lambda kwargs: compiled(**kwargs)), inputs
 
     def paraattention(self, model_name: str, ring: int, ulysses: int):
@@ -120,6 +128,9 @@ class Job:
                 for ring, ulysses in meshes(self.world):
                     name = mesh_name(ring, ulysses)
                     self.measure(f"{model_name}/para/{name}", lambda: self.para(model_name, ring, ulysses, fp8=False))
+                    if name in self.args.no_overlap and self.world > 1:
+                        self.measure(f"{model_name}/para_no_overlap/{name}",
+                                     lambda: self.para(model_name, ring, ulysses, fp8=False, overlap=False))
                     if self.args.fp8:
                         self.measure(f"{model_name}/para_fp8/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=True))
@@ -136,9 +147,14 @@ class Job:
             results.put(None, key, value)
         results.put(None, "backend", self.args.backend)
         results.put(None, "compiler", self.args.compiler)
-        results.append("commands", f"torchrun --nproc_per_node={self.world} bench/cp_scaling.py " + " ".join(sys.argv[1:]))
-        results.put("runs", str(self.world), self.runs)
-        results.put("errors", str(self.world), self.errors)
+        command = f"torchrun --nproc_per_node={self.world} bench/cp_scaling.py " + " ".join(sys.argv[1:])
+        if command not in results.data.get("commands", []):
+            results.append("commands", command)
+        # merged with the rows earlier jobs of this world size wrote (other models or meshes)
+        runs = {**results.data.get("runs", {}).get(str(self.world), {}), **self.runs}
+        errors = {k: v for k, v in results.data.get("errors", {}).get(str(self.world), {}).items() if k not in self.runs}
+        results.put("runs", str(self.world), runs)
+        results.put("errors", str(self.world), {**errors, **self.errors})
         results.save(summarise)
 
 
@@ -185,10 +201,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 512 FLUX, 256 video, 16 tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (1 tiny)")
     parser.add_argument("--iters", type=int, default=None, help="default 5 (2 tiny)")
+    parser.add_argument("--meshes", default=None, help="comma-separated mesh names to run (default: all), e.g. ring2,ulysses2")
+    parser.add_argument("--no-overlap", default="",
+                        help="comma-separated meshes on which to also run para without its comm/compute "
+                             "reordering (para_no_overlap rows): the before of the overlap comparison")
+    parser.add_argument("--profile", action="store_true", help="a kernel profile of each run: NCCL time and exposed NCCL time")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.meshes = [m.strip() for m in args.meshes.split(",") if m.strip()] if args.meshes else []
+    args.no_overlap = [m.strip() for m in args.no_overlap.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")
@@ -213,7 +236,6 @@ def main() -> int:
     try:
         job = Job(args)
         job.run()
-        job.save()
     finally:
         dist.destroy_process_group()
     return 0

@@ -235,11 +235,14 @@ def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torc
             step(inputs[i % len(inputs)])
         synchronize(device)
     by_name: dict[str, list[float]] = {}
+    comm, compute = [], []
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
             entry = by_name.setdefault(event.name, [0.0, 0])
             entry[0] += event.device_time_total / 1e3 / calls
             entry[1] += 1 / calls
+            span = (event.time_range.start, event.time_range.end)
+            (comm if "nccl" in event.name.lower() else compute).append(span)
     kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for name, (ms, _) in by_name.items():
         kinds[_kernel_kind(name)] += ms
@@ -248,8 +251,34 @@ def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torc
         "kernel_ms_per_call": round(sum(ms for ms, _ in by_name.values()), 3),
         "kernels_per_call": round(sum(count for _, count in by_name.values())),
         "ms_by_kind": {kind: round(ms, 3) for kind, ms in kinds.items()},
+        "nccl_ms_per_call": round(_covered_us(comm) / 1e3 / calls, 3),
+        "exposed_nccl_ms_per_call": round(_exposed_us(comm, compute) / 1e3 / calls, 3),
         "top": [{"kernel": name[:160], "ms": round(ms, 3), "count": round(count)} for name, (ms, count) in ranked[:top]],
     }
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _covered_us(spans: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in _union(spans))
+
+
+def _exposed_us(comm: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """Time some communication kernel runs while no compute kernel does: communication nothing hides."""
+    hidden = 0.0
+    busy = _union(compute)
+    for start, end in _union(comm):
+        for a, b in busy:
+            hidden += max(0.0, min(end, b) - max(start, a))
+    return _covered_us(comm) - hidden
 
 
 def _kernel_kind(name: str) -> str:
