@@ -18,7 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .backend import backend, recording
 from .mesh import init_mesh, mesh_info
-from .report import Report
+from .dump import value_text
+from .report import Report, RunContext
 
 
 def explain(
@@ -46,7 +47,7 @@ def explain(
         if mesh is not None:
             raise ValueError("explain: pass either mesh or world_size (to simulate a mesh), not both")
         with simulated_mesh(world_size, rank=rank, device_type=_device_type(model), **degrees) as simulated:
-            return _explain(model, args, kwargs, simulated, cache)
+            return _explain(model, args, kwargs, simulated, cache, simulated=True)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if mesh is None and distributed:
         mesh = init_mesh(**degrees)
@@ -58,7 +59,7 @@ def explain(
     return _explain(model, args, kwargs, mesh, cache)
 
 
-def _explain(model, args, kwargs, mesh, cache) -> Report:
+def _explain(model, args, kwargs, mesh, cache, simulated: bool = False) -> Report:
     compiled = torch.compile(model, backend=backend(mesh=mesh, cache=cache, compiler="eager"))
     with torch.no_grad(), recording() as report:
         compiled(*args, **(kwargs or {}))
@@ -68,7 +69,26 @@ def _explain(model, args, kwargs, mesh, cache) -> Report:
             "many compilations of the same code: call torch._dynamo.reset() first)"
         )
     report.world_size = mesh_info(mesh).world if mesh is not None else 1
+    report.context = _context(model, args, kwargs or {}, mesh, simulated)
     return report
+
+
+def _context(model, args: tuple, kwargs: dict[str, Any], mesh: DeviceMesh | None, simulated: bool) -> RunContext:
+    from . import __version__  # the package imports this module first
+
+    info = mesh_info(mesh) if mesh is not None else None
+    named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *kwargs.items()]
+    return RunContext(
+        model=type(model).__name__,
+        world_size=info.world if info else 1,
+        batch=info.batch if info else 1,
+        ring=info.ring if info else 1,
+        ulysses=info.ulysses if info else 1,
+        rank=dist.get_rank() if info else 0,
+        simulated=simulated,
+        inputs=[f"{name} {value_text(value)}" for name, value in named if isinstance(value, torch.Tensor)],
+        versions=f"torch {torch.__version__}, para-fx {__version__}",
+    )
 
 
 @contextlib.contextmanager

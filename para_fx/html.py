@@ -1,6 +1,7 @@
 """A :class:`~para_fx.report.Report` as one self-contained HTML page (no scripts, no external assets).
 
-The page holds the report's tables, then every compiled graph pass by pass: one line per node,
+The page opens with what was explained (model, mesh, inputs, versions) and the verdict, then the
+report's tables, then every compiled graph pass by pass: one line per node,
 coloured by its placement (replicated, sharded, partial) with collectives highlighted, and the
 diff to the pass before. Open it in any browser; it renders without a network.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import html
 
 from .dump import NodeRow
-from .report import Report
+from .report import PLACEMENT_LEGEND, Report
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -26,6 +27,10 @@ summary { cursor: pointer; margin: 0.3em 0; }
 .pp { background: #fff1d6; }
 .coll { background: #ffd0d0; font-weight: bold; }
 .add { background: #e3f7e3; }
+.context { color: #444; margin: 0.2em 0; }
+.verdict { border: 2px solid #888; background: #fffbe6; padding: 0.4em 1em; margin: 0.5em 0 1.5em; }
+.verdict p { margin: 0.3em 0; }
+.verdict ol li { margin-bottom: 0.5em; }
 .del { background: #fbe3e3; }
 """
 
@@ -37,11 +42,16 @@ def render_report(report: Report) -> str:
         f"<style>{_STYLE}</style></head><body>",
         "<h1>para-fx report</h1>",
     ]
+    if report.context is not None:
+        parts += [f'<p class="context">{_e(line)}</p>' for line in report.context.lines()]
+    parts.append(_verdict(report))
     for table in report.tables():
+        if table.title == "verdict":
+            continue
         parts.append(f"<h2>{_e(table.title)}</h2>")
         parts.append(_table(table.header, table.rows))
-    if report.cache is not None:
-        parts += ["<h2>first block cache (one torch.cond per step)</h2>", f"<pre>{_e(str(report.cache))}</pre>"]
+        if table.title.startswith("attention sites") and table.rows:
+            parts.append(f'<p class="legend">{_e(PLACEMENT_LEGEND)}</p>')
     if report.graph_count > 1:
         parts.append(
             f"<p>Dynamo split the model into {report.graph_count} graphs; code between graphs "
@@ -70,6 +80,15 @@ def render_report(report: Report) -> str:
         parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _verdict(report: Report) -> str:
+    """The verdict in a box: the headline, one list item per cause (source line, advice), then the rest."""
+    headline, causes, after = report.verdict_parts()
+    items = "".join("<li>" + "<br>".join(_e(line) for line in cause.lines()) + "</li>" for cause in causes)
+    causes_html = f"<p>what keeps work whole on every rank, costliest first:</p><ol>{items}</ol>" if causes else ""
+    rest = "".join(f"<p>{_e(line)}</p>" for line in after)
+    return f'<div class="verdict"><h2>verdict</h2><p><b>{_e(headline)}</b></p>{causes_html}{rest}</div>'
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

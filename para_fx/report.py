@@ -1,5 +1,10 @@
 """What the passes did to a graph, as plain records: attention sites, fallbacks, collectives, and
-each pass's graph; ``str(report)`` prints them as tables, ``save_html`` as one self-contained page."""
+each pass's graph; ``str(report)`` prints them as tables, ``save_html`` as one self-contained page.
+
+Both open with a verdict, for the reader asking "why is my model not faster": whether the
+attention runs split over the ranks, each cause that keeps it (or other work) whole once, with
+the model's source line and what to do, and the communication per step against the minimum.
+"""
 
 from __future__ import annotations
 
@@ -61,6 +66,71 @@ class CompiledGraph:
 
 
 @dataclasses.dataclass
+class RunContext:
+    """What was explained, on what (set by ``explain``): the report's first lines."""
+
+    model: str
+    world_size: int
+    batch: int
+    ring: int
+    ulysses: int
+    rank: int
+    simulated: bool
+    inputs: list[str]  # "hidden_states f32[1, 35, 16]", in call order
+    versions: str  # "torch 2.13.0, para-fx 0.1.0"
+
+    def lines(self) -> list[str]:
+        if self.world_size == 1:
+            where = "one device"
+        else:
+            mesh = f"batch {self.batch} x ring {self.ring} x ulysses {self.ulysses}"
+            where = f"rank {self.rank} of {self.world_size} ({mesh}{', simulated' if self.simulated else ''})"
+        return [f"model: {self.model} on {where}; {self.versions}", "inputs: " + (", ".join(self.inputs) or "(none)")]
+
+
+@dataclasses.dataclass
+class Cause:
+    """One reason part of the model runs whole on every rank, with every place it occurs."""
+
+    what: str
+    source: str
+    modules: list[str]
+    in_blocks: bool
+    advice: str
+
+    def lines(self) -> list[str]:
+        where = ", ".join(m or "the model's forward" for m in dict.fromkeys(self.modules))
+        cost = "inside the transformer blocks: it costs in every block" if self.in_blocks else "outside the blocks: once per step"
+        times = f"{len(self.modules)} times" if len(self.modules) > 1 else "once"
+        lines = [self.what, f"in {where} ({times}; {cost})", f"what to do: {self.advice}"]
+        return lines if not self.source else [lines[0], f"at {self.source}", *lines[1:]]
+
+
+# What each fallback reason asks of the model's author; the first key found in the reason wins.
+_ADVICE = {
+    "causal or dropout": "context parallelism splits non-causal attention without dropout (call the model in eval mode)",
+    "grouped-query": "repeat the key/value heads to the query's count before the attention (repeat_interleave on dim 1)",
+    "attention mask": "pass a boolean key mask that broadcasts as [B, 1 or H, 1 or S_q, S_kv]",
+    "log-sum-exp": "only the attention's output can be split; code reading its log-sum-exp runs on full tensors",
+    "view": "a reshape that splits the sequence into factors (height x width) the ranks' chunks do not follow; "
+    "outside the blocks (the final unpatchify) this is the gather the output needs anyway",
+    "over the sharded dim": "this op reduces over the tokens: if it is attention written by hand, call "
+    "F.scaled_dot_product_attention so that para-fx can split it",
+}
+_GENERIC_ADVICE = {
+    True: "the sharded value is gathered before this op in every block: write the line with ops para-fx splits "
+    "(pointwise, views that keep the token dim, matmuls, norms and reductions over other dims), or move it out of the blocks",
+    False: "one gather per step outside the blocks; worth changing only if the value is large",
+}
+SPLIT_STRATEGIES = ("ulysses", "ring", "hybrid", "local")
+PLACEMENT_LEGEND = (
+    "placements: R replicated (whole on every rank); S(d) split along dim d over the ranks; "
+    "S(d, [(n, u), ...]) dim d is segments of n units of u elements, each segment split over the ranks "
+    "(FLUX: [(7, 1), (35, 1)] is 7 text then 35 image tokens); P(op) partial results awaiting a reduce"
+)
+
+
+@dataclasses.dataclass
 class Table:
     title: str
     header: list[str]
@@ -79,6 +149,7 @@ class Report:
     cache: Any = None  # the First Block Cache region (passes.cache.CacheRegion), None if not applied
     compiled: list[CompiledGraph] = dataclasses.field(default_factory=list)
     world_size: int = 1  # ranks the mesh spans (set by explain): what the FLOPs estimate divides by
+    context: RunContext | None = None  # the model, mesh, inputs and versions (set by explain)
 
     def add_graph(self, name: str, graph: fx.GraphModule) -> None:
         """Record the graph after the pass ``name``; dump it when ``PARA_FX_DUMP_DIR`` is set."""
@@ -163,27 +234,135 @@ class Report:
             for c in self.site_collectives(i):
                 by_kind.setdefault(c.kind, []).append(c.bytes)
             per_call = ", ".join(f"{kind} x{len(sizes)} ({format_bytes(sum(sizes))})" for kind, sizes in by_kind.items()) or "-"
-            sites.append([s.module, s.strategy, f"{s.local_query_len}/{s.global_query_len}", s.placements, per_call])
+            why = "" if s.strategy in SPLIT_STRATEGIES else self._why_whole(s)
+            sites.append([s.module, s.strategy, f"{s.local_query_len}/{s.global_query_len}", s.placements, per_call, why])
         total = sum(c.bytes for c in self.collectives)
-        return [
-            Table(f"blocks ({len(self.blocks)})", ["block"], [[b] for b in self.blocks]),
+        fallbacks = [
+            [f.op, f.reason, f.source, str(len(group)), ", ".join(dict.fromkeys(g.module or "-" for g in group))]
+            for f, group in self._fallback_groups()
+        ]
+        tables = [
+            Table("verdict", [], [[line] for line in self.verdict()]),
+            Table(f"blocks ({len(self.blocks)})", ["#", "block"], [[str(i), b] for i, b in enumerate(self.blocks)]),
             Table(
-                f"attention sites ({len(self.attention_sites)})",
-                ["module", "strategy", "query len (local/global)", "placements", "collectives per call"],
+                f"attention sites ({len(self.attention_sites)}, {len(self.split_sites())} split over the ranks)",
+                ["module", "strategy", "query len (local/global)", "placements", "collectives per call", "why whole"],
                 sites,
             ),
             Table(
                 f"fallbacks ({len(self.fallbacks)}; {len(self.fallbacks_in_blocks())} inside the blocks, listed first)",
-                ["op", "reason", "source", "module"],
-                [[f.op, f.reason, f.source, f.module] for f in self.fallbacks_by_cost()],
+                ["op", "reason", "source", "times", "modules"],
+                fallbacks,
             ),
             Table(
                 f"collectives ({len(self.collectives)}, {total / 2**20:.2f} MiB per call)",
                 ["kind", "bytes", "module"],
                 [[c.kind, str(c.bytes), c.module] for c in self.collectives],
             ),
-            Table("summary", [], self.summary()),
         ]
+        if self.cache is not None:
+            tables.append(self._cache_table())
+        return tables + [Table("summary", [], self.summary())]
+
+    def _cache_table(self) -> Table:
+        c = self.cache
+        parts = [
+            ("always computed first", c.computed_first),
+            ("inside torch.cond, skipped on a cache hit", c.skippable),
+            ("always computed last", c.computed_last),
+        ]
+        rows = [[part, str(len(blocks)), _names(blocks)] for part, blocks in parts]
+        rows += [["cached residuals (made in -> read in)", str(len(c.streams)), "; ".join(c.streams) or "-"]]
+        rows += [["compared between steps", str(len(c.decision)), "; ".join(c.decision)]]
+        total = sum(len(blocks) for _, blocks in parts)
+        return Table(f"first block cache (one torch.cond per step; {len(c.skippable)} of {total} blocks skippable)", ["part", "count", "which"], rows)
+
+    # -- the verdict -------------------------------------------------------------------------
+
+    def split_sites(self) -> list[AttentionSite]:
+        """Attention sites whose queries are split over the ranks (with or without communication)."""
+        return [s for s in self.attention_sites if s.strategy in SPLIT_STRATEGIES]
+
+    def _fallback_groups(self) -> list[tuple[Fallback, list[Fallback]]]:
+        """Fallbacks with the same op, reason and source line as one cause, those inside the blocks first."""
+        groups: dict[tuple[str, str, str], list[Fallback]] = {}
+        for f in self.fallbacks_by_cost():
+            groups.setdefault((f.op, f.reason, f.source), []).append(f)
+        return [(group[0], group) for group in groups.values()]
+
+    def _why_whole(self, site: AttentionSite) -> str:
+        reasons = [f.reason for f in self.fallbacks if f.module == site.module and "attention" in f.op]
+        if reasons:
+            return f"q/k/v gathered: {reasons[0]}"
+        return "its query is not split along the tokens"
+
+    def causes(self) -> list[Cause]:
+        """Each reason part of the model runs whole on every rank, once, the costliest first."""
+        causes = []
+        for f, group in self._fallback_groups():
+            inside = self.in_blocks(f.module)
+            advice = next((a for key, a in _ADVICE.items() if key in f.reason), _GENERIC_ADVICE[inside])
+            causes.append(Cause(f"{f.op}: {f.reason}", f.source, [g.module for g in group], inside, advice))
+        unexplained = [s for s in self.attention_sites if s.strategy not in SPLIT_STRATEGIES and "gathered" not in self._why_whole(s)]
+        if unexplained and self.world_size > 1:
+            causes.append(Cause(
+                f"attention runs whole on every rank: its query is not split along the tokens ({unexplained[0].placements})",
+                "", [s.module for s in unexplained], any(self.in_blocks(s.module) for s in unexplained),
+                "the token dim was lost before the attention: report.graph_text('shard_seq', module) shows each "
+                "value's placement; a reshape that merges the token dim with another one is the usual culprit",
+            ))
+        if self.graph_count > 1:
+            causes.append(Cause(
+                f"Dynamo split the model into {self.graph_count} graphs: code between them (attention included) runs on full tensors",
+                "", [], True,
+                "find the breaks with torch._dynamo.explain(model)(**inputs); for diffusers models, "
+                "para_fx.adapters.diffusers.make_traceable removes the known ones",
+            ))
+        return sorted(causes, key=lambda c: (not c.in_blocks, -len(c.modules)))
+
+    def verdict(self) -> list[str]:
+        """The answer first: parallel or not, what keeps work whole (each cause once), communication against the minimum."""
+        headline, causes, after = self.verdict_parts()
+        lines = [headline]
+        if causes:
+            lines.append(f"what keeps work whole on every rank ({len(causes)} cause{'s' if len(causes) > 1 else ''}, costliest first):")
+            for i, cause in enumerate(causes, 1):
+                first, *rest = cause.lines()
+                lines += [f"{i}. {first}", *(f"   {line}" for line in rest)]
+        elif self.world_size > 1:
+            lines.append("nothing falls back: every op runs on its shard")
+        return lines + after
+
+    def verdict_parts(self) -> tuple[str, list[Cause], list[str]]:
+        """(parallel or not, the causes, the lines after them: communication, cache), for ``verdict`` and the HTML page."""
+        batch = self.context.batch if self.context else 1
+        split, total = len(self.split_sites()), len(self.attention_sites)
+        how = ", ".join(sorted({s.strategy for s in self.split_sites()}))
+        if self.world_size == 1:
+            headline = "parallel: no, one device (explain with world_size=N to see N ranks)"
+        elif not total and batch > 1:
+            headline = f"parallel: the batch is split over {batch} ranks (CFG); the tokens are not split"
+        elif total and split == total:
+            headline = f"parallel: yes, all {total} attention sites split the tokens over the ranks ({how})"
+        elif split:
+            headline = f"parallel: partly, {split} of {total} attention sites split the tokens ({how}); {total - split} run whole on every rank"
+        else:
+            headline = f"parallel: no, none of the {total} attention sites splits the tokens: every rank computes every attention whole"
+        after = []
+        moved, needed = self.communication()
+        if self.world_size > 1 and needed:
+            after.append(
+                f"communication per step: {format_bytes(moved)}, {moved / needed:.2f}x the {format_bytes(needed)} "
+                "the attention sites need (the rest: gathers and reductions outside the attention)"
+            )
+        elif self.world_size > 1:
+            after.append(f"communication per step: {format_bytes(moved)}, none of it for a split attention")
+        after += [f"first block cache: {n.removeprefix('first block cache ')}" for n in self.notes if n.startswith("first block cache")]
+        return headline, self.causes(), after
+
+    def communication(self) -> tuple[int, int]:
+        """Bytes moved per step, and the part the attention sites' own transport needs."""
+        return sum(c.bytes for c in self.collectives), sum(c.bytes for c in self.collectives if c.site is not None)
 
     def in_blocks(self, module: str) -> bool:
         """Whether a module path lies inside one of the transformer blocks (where a gather repeats per block)."""
@@ -197,8 +376,7 @@ class Report:
         return sorted(self.fallbacks, key=lambda f: not self.in_blocks(f.module))
 
     def summary(self) -> list[list[str]]:
-        total = sum(c.bytes for c in self.collectives)
-        needed = sum(c.bytes for c in self.collectives if c.site is not None)
+        total, needed = self.communication()
         rows = [
             ["graphs compiled", str(self.graph_count)],
             ["fallbacks", f"{len(self.fallbacks_in_blocks())} inside the transformer blocks, {len(self.fallbacks)} in all"],
@@ -216,20 +394,21 @@ class Report:
         if single and self.world_size > 1:
             # local = (1 - f) * single + f * single / world: the fraction f that runs split over the ranks.
             fraction = (single - local) / (single * (1 - 1 / self.world_size))
-            rows.append(["FLOPs sharded (estimate)", f"{min(max(fraction, 0.0), 1.0):.0%} over {self.world_size} ranks"])
+            caveat = "" if self.split_sites() or not self.attention_sites else " (matmuls only: no attention is split)"
+            rows.append(["FLOPs sharded (estimate)", f"{min(max(fraction, 0.0), 1.0):.0%} over {self.world_size} ranks{caveat}"])
         return rows
 
     def __str__(self) -> str:
-        lines = []
+        lines = self.context.lines() if self.context else []
         for table in self.tables():
-            if table.title == "summary":
-                lines.append("summary:")
-                lines += [f"  {key}: {value}" for key, value in table.rows]
+            if not table.header:  # the verdict and the summary: one line per row
+                lines.append(f"{table.title}:")
+                lines += ["  " + ": ".join(row) for row in table.rows]
                 continue
             lines.append(f"{table.title}:")
             lines += _table(table.header, table.rows)
-        if self.cache is not None:
-            lines += ["first block cache (one torch.cond per step):", str(self.cache)]
+            if table.title.startswith("attention sites") and table.rows:
+                lines.append(f"  ({PLACEMENT_LEGEND})")
         if self.graph_count > 1:
             lines.append(
                 f"note: Dynamo split the model into {self.graph_count} graphs; code between graphs "
@@ -244,6 +423,12 @@ class Report:
 
         with open(path, "w", encoding="utf-8") as f:
             f.write(render_report(self))
+
+
+def _names(blocks: list[str]) -> str:
+    if len(blocks) <= 4:
+        return ", ".join(blocks) or "-"
+    return f"{blocks[0]}, {blocks[1]} ... {blocks[-1]}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

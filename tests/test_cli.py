@@ -1,6 +1,7 @@
 """``python -m para_fx explain``: a user's factory in a subprocess, a built-in example, bad arguments."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,11 +23,12 @@ def test_explain_factory_in_subprocess_writes_html(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "attention sites (2):" in out
-    assert out.count(" hybrid ") == 2
+    assert "attention sites (2, 2 split over the ranks):" in out
+    assert len(re.findall(r"\n  \S+\s+hybrid\s", out)) == 2  # two rows of the sites' table
+    assert "parallel: yes, all 2 attention sites split the tokens over the ranks (hybrid)" in out
     assert "FLOPs sharded (estimate)" in out and "over 4 ranks" in out
     assert f"wrote {html}" in out
-    assert "<h2>attention sites (2)</h2>" in html.read_text()
+    assert "<h2>attention sites (2, 2 split over the ranks)</h2>" in html.read_text()
 
 
 def test_explain_builtin_example_infers_the_world_size(capsys):
@@ -34,7 +36,8 @@ def test_explain_builtin_example_infers_the_world_size(capsys):
     assert main(["explain", "--example", "flux", "--ulysses", "2"]) == 0  # no --world-size: 2 ranks
     torch._dynamo.reset()
     out = capsys.readouterr().out
-    assert "attention sites (4):" in out and out.count(" ulysses ") == 4
+    assert "attention sites (4, 4 split over the ranks):" in out
+    assert "model: FluxTransformer2DModel on rank 0 of 2 (batch 1 x ring 1 x ulysses 2, simulated)" in out
     assert out.count(" 22/42 ") == 4  # 42 query tokens split over 2 ranks
     assert "transformer_blocks.0" in out and "single_transformer_blocks.1" in out  # the blocks table
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import dits
 import para_fx
 from para_fx.launch import run_ranks
-from para_fx.report import Report
+from para_fx.report import Report, format_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +59,22 @@ class CumsumModel(nn.Module):
 def cumsum_model():
     torch.manual_seed(0)
     return CumsumModel().eval(), {"x": torch.randn(1, 15, 32)}
+
+
+class CausalBlock(CumsumBlock):
+    """Causal self-attention: context parallelism does not split it, so its q/k/v are gathered."""
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return x + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)  # CAUSAL_LINE
+
+
+def causal_model():
+    torch.manual_seed(0)
+    model = CumsumModel()
+    model.blocks = nn.ModuleList([CausalBlock(), CausalBlock()])
+    return model.eval(), {"x": torch.randn(1, 15, 32)}
 
 
 def attention_lines(report: Report, pass_name: str) -> str:
@@ -139,6 +155,51 @@ def test_report_sites_fallbacks_collectives_and_summary():
     assert f"({total / needed:.2f}x)" in summary["communication against the minimum"]
 
 
+def test_verdict_names_each_cause_once_with_its_line_and_what_to_do():
+    model, kwargs = cumsum_model()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    verdict = report.verdict()
+    assert verdict[0] == "parallel: yes, all 2 attention sites split the tokens over the ranks (ulysses)"
+    assert verdict[1] == "what keeps work whole on every rank (1 cause, costliest first):"  # two fallbacks, one cause
+    assert verdict[2] == "1. aten.cumsum.default: no sharding rule for aten.cumsum.default"
+    assert "CUMSUM_LINE" in verdict[3] and verdict[3].strip().startswith("at ")
+    assert verdict[4].strip() == "in blocks.0, blocks.1 (2 times; inside the transformer blocks: it costs in every block)"
+    assert verdict[5].strip().startswith("what to do: ")
+    moved, needed = report.communication()
+    assert verdict[6].startswith(f"communication per step: {format_bytes(moved)}, {moved / needed:.2f}x the {format_bytes(needed)}")
+    fallbacks = next(t for t in report.tables() if t.title.startswith("fallbacks"))
+    assert [row[3:] for row in fallbacks.rows] == [["2", "blocks.0, blocks.1"]]  # grouped: times, modules
+
+
+def test_attention_that_runs_whole_is_flagged_and_the_flops_caveat_given():
+    model, kwargs = causal_model()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    assert report.verdict()[0] == "parallel: no, none of the 2 attention sites splits the tokens: every rank computes every attention whole"
+    (cause,) = report.causes()
+    assert "causal or dropout attention is not context-parallel" in cause.what and "CAUSAL_LINE" in cause.source
+    assert "non-causal" in cause.advice
+    sites = next(t for t in report.tables() if t.title.startswith("attention sites"))
+    assert sites.title == "attention sites (2, 0 split over the ranks)"
+    for row in sites.rows:
+        assert row[1] == "replicated" and "S(2)" in row[3]
+        assert row[5] == "q/k/v gathered: causal or dropout attention is not context-parallel"
+    summary = dict(report.summary())
+    assert summary["FLOPs sharded (estimate)"].endswith("(matmuls only: no attention is split)")
+
+
+def test_report_says_what_was_explained():
+    model, kwargs = tiny_dit()
+    text = str(para_fx.explain(model, kwargs=kwargs, world_size=4, ring=2, rank=3))
+    first, second = text.splitlines()[:2]
+    assert first == (
+        f"model: PatchDiT on rank 3 of 4 (batch 1 x ring 2 x ulysses 2, simulated); "
+        f"torch {torch.__version__}, para-fx {para_fx.__version__}"
+    )
+    assert second.startswith("inputs: x f32[1, 4, 6, 10], timestep f32[1]")
+    torch._dynamo.reset()
+    assert para_fx.explain(model, kwargs=kwargs).verdict()[0].startswith("parallel: no, one device")
+
+
 def test_dump_dir_writes_every_pass_and_diffs(tmp_path, monkeypatch):
     monkeypatch.setenv("PARA_FX_DUMP_DIR", str(tmp_path))
     model, kwargs = tiny_dit()
@@ -161,7 +222,7 @@ def test_first_block_cache_section():
     report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2, cache=para_fx.FirstBlockCache(0.08))
     assert report.cache is not None
     assert list(report.graphs) == ["captured", "shard_seq", "cache"]
-    assert "first block cache (one torch.cond per step):" in str(report)
+    assert "first block cache (one torch.cond per step; 1 of 2 blocks skippable):" in str(report)
 
 
 def test_html_is_self_contained(tmp_path):
@@ -170,7 +231,7 @@ def test_html_is_self_contained(tmp_path):
     path = tmp_path / "report.html"
     report.save_html(str(path))
     page = path.read_text()
-    for needle in ("<h2>attention sites (2)</h2>", "aten.cumsum.default", 'class="coll"', 'class="ps"', "diff from captured"):
+    for needle in ("<h2>attention sites (2, 2 split over the ranks)</h2>", "aten.cumsum.default", 'class="coll"', 'class="ps"', "diff from captured"):
         assert needle in page
     for external in ("src=", "href=", "<script", "@import", "url("):
         assert external not in page
@@ -183,6 +244,11 @@ def test_html_is_self_contained(tmp_path):
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<h2>fallbacks (2; 2 inside the blocks, listed first)</h2>" in dom.stdout and "all_to_all_single" in dom.stdout
+    # the verdict comes first, its cause once with the model's line, and the placements have a legend
+    verdict = dom.stdout.index('<div class="verdict">')
+    assert verdict < dom.stdout.index("<h2>blocks (2)</h2>")
+    assert dom.stdout.count("CUMSUM_LINE", verdict, dom.stdout.index("<h2>blocks (2)</h2>")) == 1
+    assert "placements: R replicated" in dom.stdout
 
 
 def nodes(report: Report, pass_name: str) -> list[tuple[str, str, str, str]]:
@@ -201,7 +267,7 @@ def test_simulated_mesh_matches_four_real_ranks():
     simulated = para_fx.explain(model, kwargs=kwargs, world_size=4, ulysses=2, ring=2)
     assert not torch.distributed.is_initialized()  # the fake process group was torn down
     text, graph = run_ranks(real_mesh_report, 4, timeout=300)[0]
-    assert str(simulated) == text
+    assert str(simulated) == text.replace("ulysses 2);", "ulysses 2, simulated);", 1)  # the one difference
     assert "hybrid" in text
     assert nodes(simulated, "shard_seq") == graph
 

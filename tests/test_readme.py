@@ -43,7 +43,10 @@ RUNS = {
     "usage": (torchrun("examples/usage.py"), [r"rank [01]: output \(1, 35, 16\), max abs error vs eager (\S+)"]),
     "cache": (torchrun("examples/cache.py"), [r"rank [01]: (\d+) of 28 steps skipped"]),
     "pipeline": (torchrun("examples/pipeline.py", "--tiny"), [r"saved flux.png \(14x10\); cache: CacheStats\(steps=4"]),
-    "explain": ([sys.executable, "examples/explain.py"], [r"attention sites \(4\):", r"\+\+\+ shard_seq"]),
+    "explain": (
+        [sys.executable, "examples/explain.py"],
+        [r"parallel: yes, all 4 attention sites split the tokens over the ranks \(hybrid\)", r"\+\+\+ shard_seq"],
+    ),
     "serve": ([sys.executable, "examples/serve.py"], [r"request 0: image \(3, 10, 14\)", r"request 1: image \(3, 10, 14\)"]),
 }
 
