@@ -59,29 +59,13 @@ class CacheLayout:
 
 @dataclasses.dataclass
 class CacheRegion:
-    """For the report: which blocks always run, which the cond may skip, what is cached."""
+    """For the report (rendered as a table there): which blocks always run, which the cond may skip, what is cached."""
 
     computed_first: list[str]
     skippable: list[str]
     computed_last: list[str]
-    streams: list[str]  # "region input -> region output" per cached residual
-    decision: list[str]  # "prefix input -> prefix output" per residual compared between steps
-
-    def __str__(self) -> str:
-        lines = [
-            f"  always computed first: {_names(self.computed_first)}",
-            f"  inside torch.cond (skipped on a cache hit): {_names(self.skippable)}",
-            f"  always computed last: {_names(self.computed_last)}",
-            "  cached residuals: " + ("; ".join(self.streams) or "(none)"),
-            "  decided on the residuals: " + "; ".join(self.decision),
-        ]
-        return "\n".join(lines)
-
-
-def _names(blocks: list[str]) -> str:
-    if len(blocks) <= 4:
-        return ", ".join(blocks) or "(none)"
-    return f"{blocks[0]}, {blocks[1]} ... {blocks[-1]} ({len(blocks)} blocks)"
+    streams: list[str]  # "made in -> read in [shape]" per cached residual, by module path
+    decision: list[str]  # the same, per residual compared between steps
 
 
 def insert_first_block_cache(
