@@ -133,7 +133,7 @@ def quantize_fp8(module: torch.nn.Module) -> None:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
     except ImportError as e:
-        raise SystemExit(f"--fp8 needs torchao: pip install -e '.[fp8]' ({e})") from None
+        raise SystemExit(f"--fp8 needs torchao: pip install torchao ({e})") from None
 
     quantize_(module, Float8DynamicActivationFloat8WeightConfig())
 

@@ -50,7 +50,7 @@ def test_world_one_equals_eager(compiler, factory):
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_quantized_weights_compile_through_their_inner_tensors(compiler):
     """torchao weights are tensor subclasses (fp8 on GPUs; int8 weight-only here on CPU)."""
-    quantization = pytest.importorskip("torchao.quantization", reason="torchao is the fp8 extra: pip install -e '.[fp8]'")
+    quantization = pytest.importorskip("torchao.quantization", reason="needs torchao")
     Int8WeightOnlyConfig, quantize_ = quantization.Int8WeightOnlyConfig, quantization.quantize_
 
     model, kwargs = patch_dit()

@@ -53,7 +53,7 @@ def test_the_backend_does_not_import_torchao():
 
 
 def test_demo_without_torchao_prints_no_warning(tmp_path):
-    """The demo as installed without the fp8 extra: torchao hidden (diffusers imports it whenever
+    """The demo with torchao hidden (diffusers imports it whenever
     it is installed), every warning shown, in the parent and in the ranks it spawns."""
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torchao'] = None  # find_spec says: not installed\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "always"}
