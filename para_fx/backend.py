@@ -132,20 +132,22 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     report = Report()
     graph = capture_aten(gm, example_inputs, scalars=scalar_reads(gm, example_inputs))
     subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
-    if subclass_inputs:
-        example_inputs = flatten_subclasses(example_inputs)
-    graph = run_passes(graph, example_inputs, options, report)
+    flat_inputs = flatten_subclasses(example_inputs) if subclass_inputs else example_inputs
+    graph = run_passes(graph, flat_inputs, options, report)
     layout = None
     if options.cache is not None:
-        graph, layout, example_inputs = _cache_pass(graph, example_inputs, options, report)
+        graph, layout, flat_inputs = _cache_pass(graph, flat_inputs, options, report)
     report.collectives.extend(collectives_of(graph))
     report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
-    compiled = _inner_compile(graph, example_inputs, options)
-    if layout is not None:
-        compiled = CachedGraph(compiled, layout, options.cache)
-    return _FlattenSubclasses(compiled) if subclass_inputs else compiled
+    compiled = _inner_compile(graph, flat_inputs, options)
+    if subclass_inputs:
+        compiled = _FlattenSubclasses(compiled)
+    if layout is not None:  # outside the flattening: the caller's parameters tell the model
+        owner = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+        compiled = CachedGraph(compiled, layout, options.cache, owner)
+    return compiled
 
 
 class _FlattenSubclasses:
@@ -186,9 +188,7 @@ def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Optio
     if cached is None:
         return graph, None, example_inputs
     graph, layout = cached
-    state = [spec.zeros() for spec in layout.prefix_state + layout.region_state]
-    device = layout.prefix_state[0].device
-    inputs = [*example_inputs, *state, torch.tensor(False, device=device), torch.tensor(0.0, device=device)]
+    inputs = layout.example_inputs(example_inputs)
     graph = capture_aten(graph, inputs, functional=False)
     report.add_graph("cache", graph)
     return graph, layout, inputs

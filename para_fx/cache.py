@@ -1,8 +1,9 @@
-"""First Block Cache: the user's settings, and the runtime that owns the cache state.
+"""First Block Cache: the user's settings, and the runtime state of every model that uses them.
 
-The graph (see :mod:`para_fx.passes.cache`) decides each step whether to skip; this module
-decides whether skipping is *allowed* (warmup, the cap on consecutive skips, threshold 0), keeps
-the state of every call context between steps, and counts what happened.
+The graph (see :mod:`para_fx.passes.cache`) decides each step whether to skip, one decision
+agreed by every rank; this module says whether this rank *allows* skipping (warmup, the cap on
+consecutive skips, threshold 0), keeps the state of every model instance and call context
+between steps, and counts what happened.
 
     cache = para_fx.FirstBlockCache(threshold=0.08)
     model = torch.compile(model, backend=para_fx.backend(cache=cache))
@@ -13,6 +14,11 @@ the state of every call context between steps, and counts what happened.
             with para_fx.cache_context(model, "uncond"):
                 v_uncond = model(x, t, empty)
     print(para_fx.cache_stats(model))           # steps, computed, skipped, diffs
+
+:class:`FirstBlockCache` is only the settings. The state lives in a :class:`CacheRuntime` per
+settings object, keyed by model instance, context and graph: Dynamo passes weights as graph
+inputs, so two models of one architecture share a compiled graph, and a graph cannot hold the
+state of either.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -35,6 +42,11 @@ class CacheStats:
     computed: int = 0
     skipped: int = 0
     diffs: list[float] = dataclasses.field(default_factory=list)  # one per step after a context's first
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(
+            self.steps + other.steps, self.computed + other.computed, self.skipped + other.skipped, self.diffs + other.diffs
+        )
 
 
 @dataclasses.dataclass
@@ -68,7 +80,7 @@ class FirstBlockCache:
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CHECKS.get(name)
         if check is not None:
-            if name in _COMPILED and "_states" in self.__dict__:
+            if name in _COMPILED and "_built" in self.__dict__:
                 raise AttributeError(
                     f"FirstBlockCache: {name} is compiled into the graph; make a new FirstBlockCache "
                     "(and compile again) to change it"
@@ -77,32 +89,16 @@ class FirstBlockCache:
         object.__setattr__(self, name, value)
 
     def __post_init__(self):
-        self._states: dict[tuple[str, int], _ContextState] = {}
-        self._context = "default"
-        self._stats = CacheStats()
-        self._last_session: CacheStats | None = None
+        object.__setattr__(self, "_built", True)
 
-    def reset(self) -> None:
-        """Forget every context's state and start counting afresh."""
-        self._states.clear()
-        self._stats = CacheStats()
-
-    def _may_skip(self, state: _ContextState) -> bool:
+    def may_skip(self, state: "_ContextState") -> bool:
+        """Whether this rank lets the graph skip the next step of ``state`` (the graph asks every rank)."""
         return (
             state.prefix is not None
             and state.steps >= self.warmup_steps
             and self.threshold > 0
             and (self.max_consecutive_skips is None or state.consecutive_skips < self.max_consecutive_skips)
         )
-
-    def _record(self, state: _ContextState, diff: float | None, skipped: bool) -> None:
-        state.steps += 1
-        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
-        self._stats.steps += 1
-        self._stats.skipped += skipped
-        self._stats.computed += not skipped
-        if diff is not None:
-            self._stats.diffs.append(diff)
 
 
 def _threshold(name: str, value: Any) -> float:
@@ -138,13 +134,85 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
 _COMPILED = ("compute_first", "compute_last")
 
 
-class CachedGraph:
-    """A compiled graph with the cache pass's extra inputs and outputs, called like the original."""
+Owners = frozenset  # the ids of one model's parameters; None: every model using the cache
 
-    def __init__(self, compiled: Callable[..., Any], layout: CacheLayout, cache: FirstBlockCache):
+
+class CacheRuntime:
+    """The cache state of every model that uses one :class:`FirstBlockCache`.
+
+    A call's model is told by the first parameter its graph reads (the call's *owner* token: the
+    id of that parameter, None for a graph that reads none). A compiled model is the set of its
+    parameters' ids; the settings object itself stands for every model that uses it.
+    """
+
+    def __init__(self):
+        self.states: dict[tuple[int | None, str, int], _ContextState] = {}  # (owner, context, graph)
+        self.counts: dict[int | None, CacheStats] = {}  # running counts per owner
+        self.sessions: dict[Owners | None, CacheStats] = {}  # the last finished session's, per model
+        self.contexts: dict[Owners | None, str] = {None: "default"}  # the context each model calls in
+        self.model_of: dict[int, Owners] = {}  # owner token -> the model that named a context
+
+    def state(self, owner: int | None, graph: int) -> _ContextState:
+        model = self.model_of.get(owner)
+        context = self.contexts.get(model, self.contexts[None])
+        return self.states.setdefault((owner, context, graph), _ContextState())
+
+    def record(self, owner: int | None, state: _ContextState, diff: float | None, skipped: bool) -> None:
+        state.steps += 1
+        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        counts = self.counts.setdefault(owner, CacheStats())
+        counts.steps += 1
+        counts.skipped += skipped
+        counts.computed += not skipped
+        if diff is not None:
+            counts.diffs.append(diff)
+
+    def reset(self, model: Owners | None) -> None:
+        """Forget ``model``'s state and counts (every model's for None); graphs with no parameter
+        input belong to every model."""
+        mine = lambda owner: model is None or owner is None or owner in model
+        self.states = {key: state for key, state in self.states.items() if not mine(key[0])}
+        self.counts = {owner: counts for owner, counts in self.counts.items() if not mine(owner)}
+        self.sessions.pop(model, None)
+
+    def running(self, model: Owners | None) -> CacheStats:
+        mine = [counts for owner, counts in self.counts.items() if model is None or owner is None or owner in model]
+        return sum(mine, CacheStats())
+
+    def name_context(self, model: Owners | None, name: str | None) -> str | None:
+        """Make ``model`` call in context ``name`` (None: as every model does); returns the previous name."""
+        previous = self.contexts.get(model)
+        if model is not None:
+            self.model_of.update(dict.fromkeys(model, model))
+        if name is None:
+            self.contexts.pop(model, None)
+        else:
+            self.contexts[model] = name
+        return previous
+
+
+_RUNTIMES: "weakref.WeakKeyDictionary[FirstBlockCache, CacheRuntime]" = weakref.WeakKeyDictionary()
+
+
+def runtime_of(cache: FirstBlockCache) -> CacheRuntime:
+    """The state kept for ``cache``'s models (made on first use)."""
+    runtime = _RUNTIMES.get(cache)
+    if runtime is None:
+        runtime = _RUNTIMES[cache] = CacheRuntime()
+    return runtime
+
+
+class CachedGraph:
+    """A compiled cache graph, called like the original: threads the caller's state through it.
+
+    ``owner_input``: position of the first parameter among the inputs, which tells the model.
+    """
+
+    def __init__(self, compiled: Callable[..., Any], layout: CacheLayout, cache: FirstBlockCache, owner_input: int | None):
         self.compiled = compiled
         self.layout = layout
         self.cache = cache
+        self.owner_input = owner_input
         self._scalars: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _flags(self, allow: bool, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,27 +227,28 @@ class CachedGraph:
         return self._scalars[key]
 
     def __call__(self, *args: Any) -> Any:
-        cache, layout = self.cache, self.layout
-        state = cache._states.setdefault((cache._context, id(self)), _ContextState())
-        allow = cache._may_skip(state)
+        cache, layout, runtime = self.cache, self.layout, runtime_of(self.cache)
+        owner = None if self.owner_input is None else id(args[self.owner_input])
+        state = runtime.state(owner, id(self))
         prefix = state.prefix or [spec.zeros() for spec in layout.prefix_state]
         region = state.region or [spec.zeros() for spec in layout.region_state]
+        flags = self._flags(cache.may_skip(state), cache.threshold)
         with torch.no_grad():  # inference only: the stored residuals must not keep an autograd graph alive
-            outs = self.compiled(*args, *prefix, *region, *self._flags(allow, cache.threshold))
-        n, k, m = layout.user_outputs, len(prefix), len(region)
-        skipped = bool(outs[n + k + m + 1])
-        diff = float(outs[n + k + m]) if state.prefix is not None else None
+            step = layout.split(self.compiled(*layout.inputs(args, prefix, region, *flags)))
+        skipped = bool(step.skipped)
+        diff = float(step.diff) if state.prefix is not None else None
         if not skipped:  # a skip keeps comparing against the last computed step
-            state.prefix = list(outs[n : n + k])
-        state.region = list(outs[n + k : n + k + m])
-        cache._record(state, diff, skipped)
-        return outs[:n]
+            state.prefix = step.prefix
+        state.region = step.region
+        runtime.record(owner, state, diff, skipped)
+        return step.outputs
 
 
-def cache_of(obj: Any) -> FirstBlockCache:
-    """The FirstBlockCache behind a compiled model, a para backend, or the cache itself."""
-    from .backend import ParaBackend
-
+def _target(obj: Any) -> tuple[FirstBlockCache, Owners | None]:
+    """The FirstBlockCache behind a compiled model, a para backend or the cache itself, and the
+    model it names (None: every model that uses the cache)."""
+    model = getattr(obj, "_orig_mod", None)
+    owners = frozenset(id(p) for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
     todo, seen = [obj], set()
     while todo:
         item = todo.pop()
@@ -187,9 +256,10 @@ def cache_of(obj: Any) -> FirstBlockCache:
             continue
         seen.add(id(item))
         if isinstance(item, FirstBlockCache):
-            return item
-        if isinstance(item, ParaBackend) and item.options.cache is not None:
-            return item.options.cache
+            return item, owners
+        cache = getattr(getattr(item, "options", None), "cache", None)  # a para backend's
+        if isinstance(cache, FirstBlockCache):
+            return cache, owners
         # torch.compile's wrappers: OptimizedModule -> context -> callback -> ... -> backend
         for attr in ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "compiler_fn", "_torchdynamo_orig_callable"):
             todo.append(getattr(item, attr, None))
@@ -199,31 +269,43 @@ def cache_of(obj: Any) -> FirstBlockCache:
     )
 
 
+def cache_of(obj: Any) -> FirstBlockCache:
+    """The FirstBlockCache behind a compiled model, a para backend, or the cache itself."""
+    return _target(obj)[0]
+
+
 @contextlib.contextmanager
 def cache_session(model: Any) -> Iterator[FirstBlockCache]:
-    """One generation: fresh cache state on entry; :func:`cache_stats` reports it after exit."""
-    cache = cache_of(model)
-    cache.reset()
-    cache._last_session = None
+    """One generation of ``model``: fresh state on entry; :func:`cache_stats` reports it after exit.
+
+    On a compiled model it touches that model's state only; on the FirstBlockCache (or the
+    backend), every model's that uses it.
+    """
+    cache, owners = _target(model)
+    runtime = runtime_of(cache)
+    runtime.reset(owners)
     try:
         yield cache
     finally:
-        cache._last_session = dataclasses.replace(cache._stats, diffs=list(cache._stats.diffs))
+        runtime.sessions[owners] = runtime.running(owners)
 
 
 @contextlib.contextmanager
 def cache_context(model: Any, name: str) -> Iterator[FirstBlockCache]:
-    """Calls inside use the cache state named ``name`` (e.g. "cond" and "uncond" per step)."""
-    cache = cache_of(model)
-    outer, cache._context = cache._context, name
+    """Calls of ``model`` inside use the cache state named ``name`` (e.g. "cond" and "uncond" per
+    step); on the FirstBlockCache, calls of every model that names no context of its own."""
+    cache, owners = _target(model)
+    runtime = runtime_of(cache)
+    outer = runtime.name_context(owners, name)
     try:
         yield cache
     finally:
-        cache._context = outer
+        runtime.name_context(owners, outer)
 
 
 def cache_stats(model: Any) -> CacheStats:
     """The last finished :func:`cache_session`'s record; inside a session or without one, the running count."""
-    cache = cache_of(model)
-    stats = cache._last_session or cache._stats
+    cache, owners = _target(model)
+    runtime = runtime_of(cache)
+    stats = runtime.sessions.get(owners) or runtime.running(owners)
     return dataclasses.replace(stats, diffs=list(stats.diffs))

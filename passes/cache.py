@@ -2,7 +2,9 @@
 
 Per step the first ``compute_first`` blocks (the *prefix*) always run. Their residual (output
 minus input) is compared with the previous step's by relative L1; the sums are all-reduced over
-every group the activations are split on, so all ranks take the same branch. Then a single
+every group the activations are split on, and so is the decision itself (a step is skipped only
+where every rank may skip it), so no rank's host state (threshold, warmup, skip cap, session) can
+send ranks down different branches, where one would wait forever in the other's collectives. Then a single
 ``torch.ops.higher_order.cond`` either runs the middle blocks (the *region*) and returns their
 residual, or adds the residual stored from the last computed step. The last ``compute_last``
 blocks always run.
@@ -11,10 +13,7 @@ The cache state is not held in the graph: it enters as extra inputs and leaves a
 outputs, so the runtime (:mod:`para_fx.cache`) owns it per call context, and under context
 parallelism each rank holds exactly its shard (the state has the activations' local shapes).
 
-Graph signature after the pass::
-
-    inputs:  *user_inputs, *prefix_state, *region_state, allow_skip, threshold
-    outputs: *user_outputs, *prefix_residuals, *region_residuals, diff, skipped
+The graph's extra inputs and outputs are written once, in :class:`CacheLayout`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -49,12 +48,50 @@ class StateSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheStep:
+    """One call's extra outputs, by name."""
+
+    outputs: tuple  # the model's own outputs
+    prefix: list  # this step's prefix residuals (the next step's prefix state, if computed)
+    region: list  # the cached blocks' residuals (the next step's region state)
+    diff: object  # relative L1 change of the prefix residual, agreed by every rank
+    skipped: object  # whether the cond skipped the cached blocks, agreed by every rank
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheLayout:
-    """What the runtime needs to thread the state: counts and specs of the extra inputs/outputs."""
+    """The cache graph's signature, the one place that orders its extra inputs and outputs::
+
+        inputs:  *user_inputs, *prefix_state, *region_state, allow_skip, threshold
+        outputs: *user_outputs, *prefix_residuals, *region_residuals, diff, skipped
+
+    The pass emits the graph through it and the runtime calls the graph through it.
+    """
 
     user_outputs: int
     prefix_state: tuple[StateSpec, ...]
     region_state: tuple[StateSpec, ...]
+
+    def inputs(self, user: Sequence, prefix: Sequence, region: Sequence, allow, threshold) -> list:
+        return [*user, *prefix, *region, allow, threshold]
+
+    def outputs(self, user: Sequence, prefix: Sequence, region: Sequence, diff, skipped) -> tuple:
+        return (*user, *prefix, *region, diff, skipped)
+
+    def split(self, outs: Sequence) -> CacheStep:
+        n, k, m = self.user_outputs, len(self.prefix_state), len(self.region_state)
+        return CacheStep(tuple(outs[:n]), list(outs[n : n + k]), list(outs[n + k : n + k + m]), outs[-2], outs[-1])
+
+    def example_inputs(self, user: Sequence) -> list:
+        """Inputs to trace the cache graph with: empty state, skipping not allowed."""
+        device = self.prefix_state[0].device
+        return self.inputs(
+            user,
+            [spec.zeros() for spec in self.prefix_state],
+            [spec.zeros() for spec in self.region_state],
+            torch.tensor(False, device=device),
+            torch.tensor(0.0, device=device),
+        )
 
 
 @dataclasses.dataclass
@@ -224,6 +261,14 @@ def _rewrite(gm, split: _Split, region_pairs, prefix_pairs, groups):
     region = set(split.region)
     old_nodes = list(gm.graph.nodes)
     last_placeholder = max(i for i, n in enumerate(old_nodes) if n.op == "placeholder")
+    output = old_nodes[-1].args[0]
+    user = list(output) if isinstance(output, (tuple, list)) else [output]
+    spec = lambda node: StateSpec(tuple(node.meta["val"].shape), node.meta["val"].dtype, node.meta["val"].device)
+    layout = CacheLayout(
+        user_outputs=len(user),
+        prefix_state=tuple(spec(out) for _, out in prefix_pairs),
+        region_state=tuple(spec(out) for _, out in region_pairs),
+    )
 
     prefix_state, region_state = [], []
     allow = threshold = None
@@ -236,25 +281,17 @@ def _rewrite(gm, split: _Split, region_pairs, prefix_pairs, groups):
         if node in region:
             continue
         if node.op == "output":
-            user = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
-            extra = [*prefix_residuals, *region_residuals, diff, skipped]
-            graph.output(tuple(fx.map_arg(user, env.__getitem__)) + tuple(extra))
+            user_values = fx.map_arg(user, env.__getitem__)
+            graph.output(layout.outputs(user_values, prefix_residuals, region_residuals, diff, skipped))
             continue
         env[node] = graph.node_copy(node, env.__getitem__)
-        if i == last_placeholder:
+        if i == last_placeholder:  # the extra inputs follow the user's, in the layout's order
             prefix_state = [_placeholder(graph, f"cache_prefix_{k}", out) for k, (_, out) in enumerate(prefix_pairs)]
             region_state = [_placeholder(graph, f"cache_region_{k}", out) for k, (_, out) in enumerate(region_pairs)]
             allow = graph.placeholder("cache_allow_skip")
             threshold = graph.placeholder("cache_threshold")
 
-    new_gm = fx.GraphModule(gm, graph)
-    spec = lambda node: StateSpec(tuple(node.meta["val"].shape), node.meta["val"].dtype, node.meta["val"].device)
-    layout = CacheLayout(
-        user_outputs=len(user),
-        prefix_state=tuple(spec(out) for _, out in prefix_pairs),
-        region_state=tuple(spec(out) for _, out in region_pairs),
-    )
-    return new_gm, layout
+    return fx.GraphModule(gm, graph), layout
 
 
 def _placeholder(graph: fx.Graph, name: str, like: fx.Node) -> fx.Node:
@@ -348,7 +385,12 @@ def _contiguous_strides(shape) -> list[int]:
 
 
 def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
-    """This step's prefix residuals, the relative L1 change, and whether to skip (same on every rank)."""
+    """This step's prefix residuals, the relative L1 change, and whether to skip: one answer on every rank.
+
+    The change is summed over every group, and so is the decision: a step is skipped only where
+    every rank may skip it and sees a change below its threshold, so ranks whose host state
+    differs still take the same branch.
+    """
     # contiguous: the residuals come back as the next step's state inputs, whose strides must not vary
     residuals = [(out - src if src is not None else out).contiguous() for out, src in zip(prefix_outs, prefix_ins)]
     change = sum((r.float() - p.float()).abs().sum() for r, p in zip(residuals, previous))
@@ -357,4 +399,7 @@ def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
     for group in groups:
         sums = funcol.all_reduce(sums, "sum", group)
     diff = sums[0] / sums[1]
-    return (*residuals, diff, torch.logical_and(allow, diff < threshold))
+    skip = torch.logical_and(allow, diff < threshold).float()
+    for group in groups:
+        skip = funcol.all_reduce(skip, "min", group)
+    return (*residuals, diff, skip > 0)

@@ -1,5 +1,7 @@
 """First Block Cache: one graph with a torch.cond, the skip rules, and the same decisions on every rank."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -8,6 +10,7 @@ import dits
 from dits import first_tensor
 import para_fx
 from para_fx import zoo
+from para_fx.cache import runtime_of
 from para_fx.launch import run_ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
@@ -216,7 +219,7 @@ def test_a_call_with_autograd_on_keeps_no_graph_in_the_state():
     with para_fx.cache_session(fn):
         for step in range(2):  # grad mode on, as a user who forgot torch.no_grad() runs it
             fn(**at_step(kwargs, step))
-    state = next(iter(cache._states.values()))
+    state = next(iter(runtime_of(cache).states.values()))
     assert all(not t.requires_grad for t in state.prefix + state.region)
     assert para_fx.cache_stats(fn).steps == 2
 
@@ -288,3 +291,66 @@ def test_trade_off_on_the_trained_digits_dit():
     recommended, aggressive = study.study(samples=20, thresholds=(0.08, 0.2))
     assert 12 <= recommended["skipped"] <= 17 and recommended["psnr_db"] >= 36
     assert 19 <= aggressive["skipped"] <= 24 and 29 <= aggressive["psnr_db"] < recommended["psnr_db"]
+
+
+# --- host state cannot split the ranks; state per model instance ----------------------------------
+
+
+def ranks_with_different_host_state():
+    """Rank 1 never allows a skip (threshold 0, then a fresh session mid-way); rank 0 always would."""
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    model, kwargs = dits.patch_dit(depth=3)
+    cache = para_fx.FirstBlockCache(threshold=0.0 if rank == 1 else 1e9)
+    fn = compiled(model, cache, para_fx.init_mesh())
+    outs, pattern = [], ""
+    with para_fx.cache_session(fn), torch.no_grad():
+        for step in range(4):
+            with contextlib.ExitStack() as stack:
+                if rank == 1 and step == 2:
+                    cache.threshold = 1e9  # allowed again, but a new session: no state to skip against
+                    stack.enter_context(para_fx.cache_session(fn))
+                before = runtime_of(cache).running(None).skipped
+                outs.append(first_tensor(fn(**at_step(kwargs, step))))
+                pattern += "S" if runtime_of(cache).running(None).skipped > before else "C"
+    return outs, pattern
+
+
+def test_ranks_whose_host_state_differs_take_one_branch_and_never_hang():
+    model, kwargs = dits.patch_dit(depth=3)
+    expected = trajectory(compiled(model), kwargs, 4)
+    per_rank = run_ranks(ranks_with_different_host_state, 2, timeout=120)
+    for outs, pattern in per_rank:
+        assert pattern == "CCCS"  # the only step both ranks may skip: the last
+        for out, ref in zip(outs[:3], expected[:3]):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_rank[0][0][3], per_rank[1][0][3])
+
+
+def two_models_one_backend(world):
+    """Two instances of one architecture (one Dynamo graph: weights are inputs), one cache."""
+    torch.set_num_threads(1)
+    mesh = para_fx.init_mesh() if world > 1 else None
+    (model_a, kwargs), (model_b, _) = dits.patch_dit(seed=0, depth=3), dits.patch_dit(seed=1, depth=3)
+    backend = para_fx.backend(mesh=mesh, cache=para_fx.FirstBlockCache(threshold=1e9), compiler="eager")
+    torch._dynamo.reset()
+    a, b = torch.compile(model_a, backend=backend), torch.compile(model_b, backend=backend)
+    with torch.no_grad():
+        with para_fx.cache_session(a), para_fx.cache_session(b):
+            a(**kwargs)
+            b_first = b(**kwargs)  # its own first step: computed, not skipped against a's residual
+            with para_fx.cache_session(a):  # a fresh session for a alone
+                a(**kwargs)
+            b_second = b(**kwargs)  # b's state survived a's session: skipped
+        eager_b = model_b(**kwargs)
+    return b_first, b_second, eager_b, para_fx.cache_stats(a), para_fx.cache_stats(b)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_two_models_of_one_architecture_keep_their_own_state(world):
+    results = run_ranks(two_models_one_backend, world, world, timeout=120) if world > 1 else [two_models_one_backend(1)]
+    for b_first, b_second, eager_b, stats_a, stats_b in results:
+        torch.testing.assert_close(b_first, eager_b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b_second, eager_b, rtol=1e-4, atol=1e-4)  # same input: the skip adds b's residual
+        assert (stats_a.steps, stats_a.computed) == (1, 1)  # a's last session
+        assert (stats_b.steps, stats_b.computed, stats_b.skipped) == (2, 1, 1)
