@@ -66,9 +66,12 @@ def context_parallel_attention(
         query_len = query_len if query_len is not None else q_global
         kv_len = kv_len if kv_len is not None else kv_global
     bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
-    return sharded_attention(
+    out = sharded_attention(
         query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale
     )
+    if isinstance(out, funcol.AsyncCollectiveTensor):  # eager: finish the transfer before the caller
+        out = out.wait()  # sees it (torch.save, all_gather_object and .numpy() read memory as it is)
+    return out
 
 
 def _key_mask_to_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
