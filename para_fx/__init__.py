@@ -16,6 +16,7 @@ Where things are:
 * ``para_fx.passes``: the graph passes (sharding, First Block Cache).
 """
 
+from .agreement import InputsDiffer, RanksOutOfStep
 from .attention import context_parallel_attention
 from .backend import backend, register_para_backend
 from .cache import CacheStats, FirstBlockCache, cache_context, cache_session, cache_stats
@@ -30,6 +31,8 @@ register_para_backend()
 __all__ = [
     "CacheStats",
     "FirstBlockCache",
+    "InputsDiffer",
+    "RanksOutOfStep",
     "Report",
     "__version__",
     "backend",

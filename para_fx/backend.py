@@ -18,8 +18,9 @@ import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .agreement import check_mode, with_input_check
 from .cache import CachedGraph, FirstBlockCache
-from .capture import capture_aten, flatten_subclasses, scalar_reads
+from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .passes.cache import insert_first_block_cache
 from .passes.shard import ShardSpec, shard
@@ -39,6 +40,8 @@ class Options:
     cache: FirstBlockCache | None = None
     compiler: str = "inductor"
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
+    check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.agreement); None: the environment's
+    check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
 
 
 class ParaBackend:
@@ -61,14 +64,23 @@ class ParaBackend:
 
 
 def backend(
-    mesh: DeviceMesh | None = None, cache: FirstBlockCache | None = None, compiler: str = "inductor"
+    mesh: DeviceMesh | None = None,
+    cache: FirstBlockCache | None = None,
+    compiler: str = "inductor",
+    *,
+    check_inputs: str | None = None,
+    check_timeout: float = 600.0,
 ) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
     ``mesh``: from :func:`para_fx.init_mesh`; None runs on one device (the cache alone, no
     collectives). ``cache``: a :class:`para_fx.FirstBlockCache`, or None. ``compiler``: "inductor", "aot_eager" or "eager" (the transformed graph run as
-    Python, for debugging and fast tests).
+    Python, for debugging and fast tests). ``check_inputs``: when ranks compare their inputs
+    ("first" call of each graph and shape, "every" call, or "off"; default: the environment
+    variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
+    for each other (see :mod:`para_fx.agreement`).
     """
+    check_mode(check_inputs)
     if compiler not in COMPILERS:
         raise ValueError(f"para_fx.backend: compiler must be one of {COMPILERS}, got {compiler!r}")
     if mesh is not None:
@@ -77,7 +89,9 @@ def backend(
         mesh_info(mesh)  # validates the dims now rather than at the first call
     if cache is not None and not isinstance(cache, FirstBlockCache):
         raise TypeError(f"para_fx.backend: cache must be a para_fx.FirstBlockCache, got {type(cache).__name__}")
-    return ParaBackend(Options(mesh=mesh, cache=cache, compiler=compiler))
+    return ParaBackend(
+        Options(mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout)
+    )
 
 
 _DEFAULT_MESH: list[DeviceMesh | None] = []
@@ -124,8 +138,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     scalars = scalar_reads(gm, example_inputs)
     if scalars or _is_dynamic(gm, example_inputs):
         log.info("para_fx: symbolic sizes or inputs read as numbers; compiling one graph per shape and value")
-        return _Specialized(gm, options, sorted(scalars))
-    return _compile_static(gm, example_inputs, options)
+        compiled = _Specialized(gm, options, sorted(scalars))
+    else:
+        compiled = _compile_static(gm, example_inputs, options)
+    if options.mesh is None:
+        return compiled
+    names = [input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
+    ranks = options.mesh.mesh.flatten().tolist()
+    return with_input_check(compiled, names, ranks, check_mode(options.check_inputs), options.check_timeout)
 
 
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:

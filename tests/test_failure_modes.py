@@ -35,3 +35,67 @@ def test_eager_attention_returns_a_finished_tensor():
     for kind, error in run_ranks(eager_attention_saved, 2, timeout=120):
         assert kind == "Tensor"
         assert error <= 1e-5
+
+
+# --- ranks agree on their inputs ------------------------------------------------------------------
+
+
+def call_with(change, check_inputs="first", calls=(1, 1)):
+    """Call a compiled plain DiT on two ranks, rank 1's inputs changed by ``change``; the error's text."""
+    import dits
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    model, kwargs = dits.patch_dit(depth=2)
+    if rank == 1:
+        kwargs = change(kwargs)
+    backend = para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager", check_inputs=check_inputs, check_timeout=5)
+    fn = torch.compile(model, backend=backend)
+    try:
+        with torch.no_grad():
+            for _ in range(calls[rank]):
+                fn(**kwargs)
+    except (para_fx.InputsDiffer, para_fx.RanksOutOfStep) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def same(kwargs):
+    return kwargs
+
+
+def other_timestep(kwargs):
+    return {**kwargs, "timestep": kwargs["timestep"] + 1}
+
+
+def third_sample(kwargs):
+    return {name: torch.cat([value, value[:1]]) for name, value in kwargs.items()}
+
+
+def test_ranks_given_different_values_name_the_input():
+    for kind, message in run_ranks(call_with, 2, other_timestep, timeout=120):
+        assert kind == "InputsDiffer"
+        assert "different input 'timestep':" in message and "rank 1: float32[2] sum=" in message
+
+
+def test_ranks_given_different_shapes_name_the_input_instead_of_aborting():
+    for kind, message in run_ranks(call_with, 2, third_sample, timeout=120):
+        assert kind == "InputsDiffer"
+        assert "input 'x' (and timestep, pooled)" in message and "rank 1: float32[3, 4, 14, 10]" in message
+
+
+def test_an_extra_call_on_one_rank_is_named_instead_of_hanging():
+    rank0, rank1 = run_ranks(call_with, 2, same, "every", (3, 2), timeout=120)
+    assert rank1 is None
+    kind, message = rank0
+    assert kind == "RanksOutOfStep"
+    assert "ranks [1] did not reach input check 3" in message
+
+
+def test_the_check_mode_comes_from_the_backend_or_the_environment(monkeypatch):
+    from para_fx.agreement import check_mode
+
+    monkeypatch.setenv("PARA_FX_CHECK_INPUTS", "every")
+    assert (check_mode(None), check_mode("off")) == ("every", "off")
+    with pytest.raises(ValueError, match="check_inputs must be one of"):
+        para_fx.backend(check_inputs="always")
