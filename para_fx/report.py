@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from . import dump
+from .passes.shard_rules import family
 from .dump import NodeRow, is_collective, module_path, source_line  # noqa: F401  (module_path, source_line: used by the passes)
 
 log = logging.getLogger("para_fx")
@@ -472,9 +473,6 @@ def collectives_of(graph: fx.GraphModule) -> list[Collective]:
     return found
 
 
-_SDPA = {torch.ops.aten.scaled_dot_product_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu}
-
-
 def graph_flops(gm: fx.GraphModule) -> int:
     """FLOPs of a graph's matmuls, convolutions and attentions, from the static shapes on its nodes;
     for an op with subgraphs (``torch.cond``), the costlier branch."""
@@ -491,7 +489,7 @@ def graph_flops(gm: fx.GraphModule) -> int:
 def node_flops(node: fx.Node) -> int:
     packet = getattr(node.target, "overloadpacket", None)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
-    if packet in _SDPA:
+    if family(node.target) == "attention":  # every SDPA kernel op: query, key, value come first
         return int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
     formula = flop_registry.get(packet)
     if formula is None:

@@ -1,16 +1,22 @@
-"""Placement rules per aten op family, over one mesh group.
+"""Placement rules per aten op, and the one registry that says what each op is.
 
-A rule sees the op's node (global shapes in ``meta["val"]``) and the current placement of each
-tensor input, and returns a :class:`Decision`: the placement each input must have, the output
-placement(s), and the op's arguments rewritten to local sizes where they name sizes. An op
-without a rule, or with a sharded dim a rule cannot handle, gets a fallback: every input
-replicated (gathered), the result replicated, and a reason for the report.
+A rule is pure: it sees a :class:`Call` (the op's node with its arguments by schema name,
+defaults filled in, global shapes in ``meta["val"]``) and the current placement of each tensor
+input, and returns a :class:`Decision`: the placement each input must have, the output
+placement(s), and a reason when it falls back. It never names local sizes (that is
+:mod:`para_fx.passes.localize`) nor builds graph nodes (that is :mod:`para_fx.passes.shard`).
+
+``@rule(op, ..., family=...)`` is the only place that says what an op is: the shard pass, the
+block finder and the report ask :func:`family` rather than keep sets of their own. Matmul-like ops
+are einsum strings (``"mk,kn->mn"``), views a dim-map table; an op with no rule asks DTensor's
+sharding propagation (:mod:`para_fx.passes.dtensor_rules`) and otherwise falls back: every input
+replicated (gathered), the result replicated, a reason for the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -37,13 +43,13 @@ aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Decision:
-    inputs: dict[fx.Node, Placement]
+    """What one op does under sharding: its inputs' required placements, its output placement(s)
+    (a list for ops returning several tensors), and why it falls back, if it does."""
+
+    inputs: Mapping[fx.Node, Placement]
     out: Placement | list[Placement]
-    args: tuple | None = None
-    kwargs: dict | None = None
-    target: Callable | None = None
     reason: str | None = None
 
 
@@ -76,62 +82,116 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return seen
 
 
-def num_outputs(node: fx.Node) -> int | None:
-    v = val(node)
-    return len(v) if isinstance(v, (tuple, list)) else None
+class Call:
+    """An op's node with its arguments by schema name (defaults filled in), so no rule reads
+    ``node.args[i]`` by position."""
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+        self.args: dict[str, Any] = {}
+        if isinstance(node.target, torch._ops.OpOverload):  # bound by the aten schema's own names
+            for i, arg in enumerate(node.target._schema.arguments):
+                if i < len(node.args) and not arg.kwarg_only:
+                    self.args[arg.name] = node.args[i]
+                elif arg.name in node.kwargs:
+                    self.args[arg.name] = node.kwargs[arg.name]
+                else:
+                    self.args[arg.name] = arg.default_value if arg.has_default_value() else None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.args[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.args.get(name)
+        return default if value is None else value
+
+    def dim(self, name: str, ndim: int) -> int:
+        """A dim argument made non-negative."""
+        d = self.args[name]
+        return d + ndim if d < 0 else d
+
+    @property
+    def tensors(self) -> list[fx.Node]:
+        return tensor_inputs(self.node)
 
 
-def replicated(node: fx.Node, reason: str | None = None) -> Decision:
-    n = num_outputs(node)
-    out = REPLICATE if n is None else [REPLICATE] * n
-    return Decision({a: REPLICATE for a in tensor_inputs(node)}, out, reason=reason)
+Rule = Callable[[Call, Mapping[fx.Node, Placement]], Decision]
+RULES: dict[Any, Rule] = {}
+FAMILIES: dict[Any, str] = {}
 
 
-def keep(node: fx.Node, pl: dict, x: fx.Node, out: Placement, args=None, kwargs=None, target=None) -> Decision:
-    """``x`` keeps its placement; every other tensor input is replicated."""
-    inputs = {a: REPLICATE for a in tensor_inputs(node)}
-    inputs[x] = pl[x]
-    return Decision(inputs, out, args=args, kwargs=kwargs, target=target)
+def rule(*targets: Any, family: str):
+    """Register ``fn`` as the rule of ``targets``, and say which family they belong to."""
 
-
-def _norm(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
-RULES: dict[Any, Callable[[fx.Node, dict, Group], Decision]] = {}
-
-
-def rule(*targets):
-    def register(fn):
-        for t in targets:
-            RULES[t] = fn
+    def register(fn: Rule) -> Rule:
+        for target in targets:
+            RULES[target] = fn
+            FAMILIES[target] = family
         return fn
 
     return register
 
 
+def family(target: Any) -> str | None:
+    """What kind of op ``target`` is: "pointwise", "reshape" (views that may merge or split dims),
+    "view", "slice", "scatter", "split", "join", "pad", "matmul", "norm", "reduction", "index",
+    "conv", "collective" or "attention"; None for an op para has no rule for."""
+    if target in FAMILIES:
+        return FAMILIES[target]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return "pointwise"
+    return None
+
+
+def replicated(call: Call, reason: str | None = None) -> Decision:
+    v = val(call.node)
+    out = [REPLICATE] * len(v) if isinstance(v, (tuple, list)) else REPLICATE
+    return Decision({a: REPLICATE for a in call.tensors}, out, reason)
+
+
+def keep(call: Call, pl: Mapping[fx.Node, Placement], x: fx.Node, out: Placement | list[Placement]) -> Decision:
+    """``x`` keeps its placement; every other tensor input is replicated."""
+    inputs = {a: REPLICATE for a in call.tensors}
+    inputs[x] = pl[x]
+    return Decision(inputs, out)
+
+
+def sharded_input(call: Call, pl: Mapping[fx.Node, Placement], name: str = "self") -> Shard | None:
+    p = pl[call[name]]
+    return p if isinstance(p, Shard) else None
+
+
+def decide(node: fx.Node, pl: Mapping[fx.Node, Placement], g: Group) -> Decision:
+    """The decision for ``node`` given its inputs' placements ``pl`` over group ``g``."""
+    call = Call(node)
+    if not any(isinstance(pl[a], (Shard, Partial)) for a in call.tensors):
+        return replicated(call)
+    fn = RULES.get(node.target) or (pointwise if family(node.target) == "pointwise" else None)
+    if fn is not None:
+        return fn(call, pl)
+    answer = dtensor_placements(node, pl, g.parts, g.rank)
+    if answer is not None:
+        return Decision(*answer)
+    return replicated(call, f"no sharding rule for {node.target}")
+
+
 # --- pointwise ---------------------------------------------------------------------------------
 
-EXTRA_POINTWISE = {
+
+@rule(
     aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.lift_fresh_copy.default,
     aten.copy.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
     aten.full_like.default,
-}
-
-
-def is_pointwise(target: Any) -> bool:
-    return target in EXTRA_POINTWISE or (
-        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-    )
-
-
-def pointwise(node: fx.Node, pl: dict, g: Group) -> Decision:
-    inputs = tensor_inputs(node)
-    out_shape = shape(node)
+    family="pointwise",
+)
+def pointwise(call: Call, pl) -> Decision:
+    """Elementwise with broadcasting: every operand that spans the sharded dim is split alike."""
+    inputs = call.tensors
+    out_shape = shape(call.node)
     sharded = [(a, pl[a]) for a in inputs if isinstance(pl[a], Shard)]
     if not sharded:
-        return replicated(node)
+        return replicated(call)
     lead, p = sharded[0]
     out_dim = p.dim + len(out_shape) - len(shape(lead))
     required = {}
@@ -142,11 +202,11 @@ def pointwise(node: fx.Node, pl: dict, g: Group) -> Decision:
         elif shape(a)[dim] == out_shape[out_dim]:
             required[a] = Shard(dim, p.layout)
         else:
-            return replicated(node, f"operand of shape {shape(a)} does not line up with the sharded dim")
+            return replicated(call, f"operand of shape {shape(a)} does not line up with the sharded dim")
     return Decision(required, Shard(out_dim, p.layout))
 
 
-# --- views -------------------------------------------------------------------------------------
+# --- views: a dim-map table --------------------------------------------------------------------
 
 
 def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -179,7 +239,7 @@ def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
 
 
 def reshape_placement(p: Shard, src: tuple[int, ...], dst: tuple[int, ...]) -> Shard | None:
-    """Where a sharded dim goes through a view, and its layout there; None if it splits unevenly."""
+    """Where a sharded dim goes through a reshape, and its layout there; None if it splits unevenly."""
     if 0 in src:
         return None
     for gi, gj in view_groups(src, dst) or []:
@@ -205,89 +265,63 @@ def _prod(xs) -> int:
     return out
 
 
-def _local_shape(global_shape: tuple[int, ...], p: Shard, g: Group) -> list[int]:
-    local = list(global_shape)
-    local[p.dim] = g.local(p.layout)
-    return local
+def _reshape(call: Call, p: Shard) -> Shard | None:
+    return reshape_placement(p, shape(call["self"]), shape(call.node))
 
 
-@rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def view(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    out = reshape_placement(p, shape(x), shape(node))
-    if out is None:
-        return replicated(node, f"view {shape(x)} -> {shape(node)} splits the sharded dim {p.dim} unevenly")
-    return keep(node, pl, x, out, args=(x, _local_shape(shape(node), out, g)))
-
-
-@rule(aten.expand.default)
-def expand(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    out = Shard(p.dim + len(shape(node)) - len(shape(x)), p.layout)
-    return keep(node, pl, x, out, args=(x, _local_shape(shape(node), out, g)))
-
-
-@rule(aten.unsqueeze.default)
-def unsqueeze(node, pl, g):
-    x, dim = node.args[0], _norm(node.args[1], len(shape(node)))
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    return keep(node, pl, x, Shard(p.dim + (dim <= p.dim), p.layout))
-
-
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
-def squeeze(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    dims = node.args[1] if len(node.args) > 1 else range(len(shape(x)))
+def _squeeze(call: Call, p: Shard) -> Shard:
+    x_shape = shape(call["self"])
+    dims = call.get("dim", list(range(len(x_shape))))
     dims = [dims] if isinstance(dims, int) else dims
-    removed = [_norm(d, len(shape(x))) for d in dims if shape(x)[d] == 1]
-    return keep(node, pl, x, Shard(p.dim - sum(d < p.dim for d in removed), p.layout))
+    removed = [d + len(x_shape) if d < 0 else d for d in dims if x_shape[d] == 1]
+    return Shard(p.dim - sum(d < p.dim for d in removed), p.layout)
 
 
-@rule(aten.permute.default)
-def permute(node, pl, g):
-    x, perm = node.args
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    perm = [_norm(d, len(perm)) for d in perm]
-    return keep(node, pl, x, Shard(perm.index(p.dim), p.layout))
+def _transpose(call: Call, p: Shard) -> Shard:
+    ndim = len(shape(call["self"]))
+    a, b = call.dim("dim0", ndim), call.dim("dim1", ndim)
+    return Shard(b if p.dim == a else a if p.dim == b else p.dim, p.layout)
 
 
-@rule(aten.transpose.int)
-def transpose(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    a, b = (_norm(d, len(shape(x))) for d in node.args[1:3])
-    dim = b if p.dim == a else a if p.dim == b else p.dim
-    return keep(node, pl, x, Shard(dim, p.layout))
+# op -> (call, the input's Shard) -> the output's Shard, or None where the view splits the dim unevenly
+DIM_MAPS: dict[Any, Callable[[Call, Shard], Shard | None]] = {
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.expand.default: lambda call, p: Shard(p.dim + len(shape(call.node)) - len(shape(call["self"])), p.layout),
+    aten.unsqueeze.default: lambda call, p: Shard(p.dim + (call.dim("dim", len(shape(call.node))) <= p.dim), p.layout),
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.permute.default: lambda call, p: Shard(
+        [d + len(call["dims"]) if d < 0 else d for d in call["dims"]].index(p.dim), p.layout
+    ),
+    aten.transpose.int: _transpose,
+    aten.t.default: lambda call, p: Shard(1 - p.dim if len(shape(call["self"])) == 2 else 0, p.layout),
+}
 
 
-@rule(aten.t.default)
-def t(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    return keep(node, pl, x, Shard(1 - p.dim if len(shape(x)) == 2 else 0, p.layout))
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-# --- slicing and joining along dims ------------------------------------------------------------
+@rule(*RESHAPES, family="reshape")
+@rule(*(op for op in DIM_MAPS if op not in RESHAPES), family="view")
+def view(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    out = DIM_MAPS[call.node.target](call, p)
+    if out is None:
+        return replicated(
+            call, f"view {shape(call['self'])} -> {shape(call.node)} splits the sharded dim {p.dim} unevenly"
+        )
+    return keep(call, pl, call["self"], out)
 
 
-def _segment_span(layout: Layout, start: int, end: int) -> Layout | None:
+# --- slicing and joining along dims: segments --------------------------------------------------
+
+
+def segment_span(layout: Layout, start: int, end: int) -> Layout | None:
     """The segments exactly covering global ``[start, end)``, or None if it cuts a segment."""
     pos, taken = 0, []
     for count, unit in layout:
@@ -300,91 +334,78 @@ def _segment_span(layout: Layout, start: int, end: int) -> Layout | None:
     return tuple(taken) if global_size(tuple(taken)) == end - start else None
 
 
-def _local_offset(layout: Layout, start: int, g: Group) -> int:
-    """Local index of global position ``start`` when ``start`` is a segment boundary."""
-    pos, local = 0, 0
-    for count, unit in layout:
-        if pos >= start:
-            break
-        local += g.local(((count, unit),))
-        pos += count * unit
-    return local
+def slice_bounds(call: Call, size: int) -> tuple[int, int, int]:
+    """A slice's ``(start, end, step)`` clamped to ``[0, size]``."""
+    start, end, step = call.get("start", 0), call.get("end", size), call.get("step", 1)
+    start = max(0, start + size if start < 0 else start)
+    return start, min(size, end + size if end < 0 else end), step
 
 
-@rule(aten.slice.Tensor)
-def slice_(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(shape(x)))
+@rule(aten.slice.Tensor, family="slice")
+def slice_(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    dim = call.dim("dim", len(shape(call["self"])))
     if dim != p.dim:
-        return keep(node, pl, x, p)
-    size = shape(x)[dim]
-    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
-    step = node.args[4] if len(node.args) > 4 else 1
-    start, end = max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
-    span = _segment_span(p.layout, start, end) if step == 1 else None
+        return keep(call, pl, call["self"], p)
+    start, end, step = slice_bounds(call, shape(call["self"])[dim])
+    span = segment_span(p.layout, start, end) if step == 1 else None
     if span is None:
-        return replicated(node, f"slice [{start}:{end}:{step}] of the sharded dim cuts a shard")
-    lo = _local_offset(p.layout, start, g)
-    return keep(node, pl, x, Shard(dim, span), args=(x, dim, lo, lo + g.local(span)))
+        return replicated(call, f"slice [{start}:{end}:{step}] of the sharded dim cuts a shard")
+    return keep(call, pl, call["self"], Shard(dim, span))
 
 
-def _split_pieces(node, sizes, dim, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
+def _split_pieces(call: Call, pl, sizes: list[int]) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    dim = call.dim("dim", len(shape(call["self"])))
     if dim != p.dim:
-        return keep(node, pl, x, [p] * len(sizes))
-    outs, local_sizes, pos = [], [], 0
+        return keep(call, pl, call["self"], [p] * len(sizes))
+    outs, pos = [], 0
     for size in sizes:
-        span = _segment_span(p.layout, pos, pos + size)
+        span = segment_span(p.layout, pos, pos + size)
         if span is None:
-            return replicated(node, f"split {list(sizes)} of the sharded dim cuts a shard")
+            return replicated(call, f"split {list(sizes)} of the sharded dim cuts a shard")
         outs.append(Shard(dim, span))
-        local_sizes.append(g.local(span))
         pos += size
-    return keep(node, pl, x, outs, args=(x, local_sizes, dim), target=aten.split_with_sizes.default)
+    return keep(call, pl, call["self"], outs)
 
 
-@rule(aten.split.Tensor)
-def split(node, pl, g):
-    x = node.args[0]
-    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
-    return _split_pieces(node, [tuple(v.shape)[dim] for v in val(node)], dim, pl, g)
+@rule(aten.split.Tensor, family="split")
+def split(call: Call, pl) -> Decision:
+    dim = call.dim("dim", len(shape(call["self"])))
+    return _split_pieces(call, pl, [tuple(v.shape)[dim] for v in val(call.node)])
 
 
-@rule(aten.split_with_sizes.default)
-def split_with_sizes(node, pl, g):
-    x = node.args[0]
-    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
-    return _split_pieces(node, list(node.args[1]), dim, pl, g)
+@rule(aten.split_with_sizes.default, family="split")
+def split_with_sizes(call: Call, pl) -> Decision:
+    return _split_pieces(call, pl, list(call["split_sizes"]))
 
 
-@rule(aten.unbind.int, aten.select.int)
-def unbind_or_select(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(shape(x)))
+@rule(aten.unbind.int, family="split")
+@rule(aten.select.int, family="view")
+def unbind_or_select(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    x_shape = shape(call["self"])
+    dim = call.dim("dim", len(x_shape))
     if dim == p.dim:
-        return replicated(node, "indexes into the sharded dim")
+        return replicated(call, "indexes into the sharded dim")
     out = Shard(p.dim - (dim < p.dim), p.layout)
-    return keep(node, pl, x, out if node.target is aten.select.int else [out] * shape(x)[dim])
+    return keep(call, pl, call["self"], out if call.node.target is aten.select.int else [out] * x_shape[dim])
 
 
-@rule(aten.cat.default)
-def cat(node, pl, g):
-    tensors = [t for t in node.args[0]]
-    ndim = len(shape(node))
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, ndim)
+@rule(aten.cat.default, family="join")
+def cat(call: Call, pl) -> Decision:
+    tensors = list(call["tensors"])
+    ndim = len(shape(call.node))
+    dim = call.dim("dim", ndim)
     sharded = [pl[t] for t in tensors if isinstance(pl[t], Shard)]
     if not sharded:
-        return replicated(node)
+        return replicated(call)
     live = [t for t in tensors if len(shape(t)) == ndim]  # cat skips legacy empty [0] tensors
     if any(p.dim == dim for p in sharded):
         required, layout = {}, ()
@@ -399,256 +420,233 @@ def cat(node, pl, g):
     return Decision({t: p for t in live}, p)
 
 
-@rule(aten.stack.default)
-def stack(node, pl, g):
-    tensors = list(node.args[0])
+@rule(aten.stack.default, family="join")
+def stack(call: Call, pl) -> Decision:
+    tensors = list(call["tensors"])
     sharded = [pl[t] for t in tensors if isinstance(pl[t], Shard)]
     if not sharded:
-        return replicated(node)
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(shape(node)))
+        return replicated(call)
+    dim = call.dim("dim", len(shape(call.node)))
     p = sharded[0]
     return Decision({t: p for t in tensors}, Shard(p.dim + (dim <= p.dim), p.layout))
 
 
-@rule(aten.slice_scatter.default)
-def slice_scatter(node, pl, g):
-    x, src = node.args[:2]
+@rule(aten.slice_scatter.default, family="scatter")
+def slice_scatter(call: Call, pl) -> Decision:
+    x, src = call["self"], call["src"]
     p = pl[x] if isinstance(pl[x], Shard) else pl[src] if isinstance(pl[src], Shard) else None
     if p is None:
-        return replicated(node)
+        return replicated(call)
     size = shape(x)[p.dim]
-    dim = _norm(node.args[2] if len(node.args) > 2 else 0, len(shape(x)))
+    dim = call.dim("dim", len(shape(x)))
     if dim != p.dim:
-        return Decision({x: p, src: p}, p) if shape(src)[p.dim] == size else replicated(node, "scatter shapes differ")
+        return Decision({x: p, src: p}, p) if shape(src)[p.dim] == size else replicated(call, "scatter shapes differ")
     if not isinstance(pl[x], Shard):
         p = Shard(dim, plain(size))
-    start = node.args[3] if len(node.args) > 3 and node.args[3] is not None else 0
-    end = node.args[4] if len(node.args) > 4 and node.args[4] is not None else size
-    step = node.args[5] if len(node.args) > 5 else 1
-    start, end = start + size if start < 0 else start, min(size, end + size if end < 0 else end)
-    span = _segment_span(p.layout, start, end) if step == 1 else None
+    start, end, step = slice_bounds(call, size)
+    span = segment_span(p.layout, start, end) if step == 1 else None
     if span is None:
-        return replicated(node, f"scatter into [{start}:{end}:{step}] of the sharded dim cuts a shard")
-    lo = _local_offset(p.layout, start, g)
-    return Decision({x: p, src: Shard(dim, span)}, p, args=(x, src, dim, lo, lo + g.local(span)))
+        return replicated(call, f"scatter into [{start}:{end}:{step}] of the sharded dim cuts a shard")
+    return Decision({x: p, src: Shard(dim, span)}, p)
 
 
-@rule(aten.constant_pad_nd.default)
-def constant_pad(node, pl, g):
-    x, pad = node.args[0], node.args[1]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    from_last = len(shape(x)) - 1 - p.dim
+@rule(aten.constant_pad_nd.default, family="pad")
+def constant_pad(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    pad = call["pad"]
+    from_last = len(shape(call["self"])) - 1 - p.dim
     if 2 * from_last + 1 < len(pad) and (pad[2 * from_last] or pad[2 * from_last + 1]):
-        return replicated(node, "pads the sharded dim")
-    return keep(node, pl, x, p)
+        return replicated(call, "pads the sharded dim")
+    return keep(call, pl, call["self"], p)
 
 
-# --- matmul ------------------------------------------------------------------------------------
+# --- matmuls: einsum strings -------------------------------------------------------------------
 
 
-@rule(aten.mm.default)
-def mm(node, pl, g):
-    a, b = node.args
-    pa, pb = pl[a], pl[b]
-    if isinstance(pa, Shard) and pa.dim == 0 and not isinstance(pb, Shard):
-        return Decision({a: pa, b: REPLICATE}, pa)
-    if isinstance(pb, Shard) and pb.dim == 1 and not isinstance(pa, Shard):
-        return Decision({a: REPLICATE, b: pb}, pb)
-    if isinstance(pa, Shard) or isinstance(pb, Shard):
-        return replicated(node, "matmul over the sharded dim")
-    return replicated(node)
+def einsum_decision(equation: str, operands: list[fx.Node], pl) -> tuple[dict, Placement] | str:
+    """Placements of a matmul written as an einsum over ``operands``: a sharded letter splits every
+    operand that has it; the output is split on it, or a partial sum where it is contracted.
+    A reason string when the operands are split on different letters or layouts."""
+    spec, out = equation.split("->")
+    specs = spec.split(",")
+    letters = {(specs[i][pl[x].dim], pl[x].layout) for i, x in enumerate(operands) if isinstance(pl[x], Shard)}
+    if len(letters) != 1:
+        return "operands split on different dims"
+    ((letter, layout),) = letters
+    required = {
+        x: Shard(specs[i].index(letter), layout) if letter in specs[i] else REPLICATE for i, x in enumerate(operands)
+    }
+    return required, Shard(out.index(letter), layout) if letter in out else Partial("sum")
 
 
-@rule(aten.addmm.default)
-def addmm(node, pl, g):
-    bias, a, b = node.args[:3]
-    pa = pl[a]
-    if isinstance(pa, Shard) and pa.dim == 0 and not isinstance(pl[b], Shard):
-        bias_p = Shard(0, pa.layout) if len(shape(bias)) == 2 and shape(bias)[0] == shape(a)[0] else REPLICATE
-        return Decision({bias: bias_p, a: pa, b: REPLICATE}, pa)
-    if any(isinstance(pl[x], Shard) for x in (bias, a, b)):
-        return replicated(node, "matmul over the sharded dim")
-    return replicated(node)
+def _matmul(equation: str, names: tuple[str, ...]) -> Rule:
+    def fn(call: Call, pl) -> Decision:
+        answer = einsum_decision(equation, [call[n] for n in names], pl)
+        if isinstance(answer, str):
+            return replicated(call, f"matmul: {answer}")
+        return Decision(*answer)
+
+    return fn
 
 
-@rule(aten._scaled_mm.default)
-def scaled_mm(node, pl, g):
-    """fp8 matmul (torchao): rows of ``a`` split with their per-row scales; a per-tensor scale,
+rule(aten.mm.default, family="matmul")(_matmul("mk,kn->mn", ("self", "mat2")))
+rule(aten.bmm.default, family="matmul")(_matmul("bmk,bkn->bmn", ("self", "mat2")))
+
+
+@rule(aten.addmm.default, family="matmul")
+def addmm(call: Call, pl) -> Decision:
+    """``bias + mat1 @ mat2``: the bias follows the output's split, like a pointwise addend."""
+    bias, a, b = call["self"], call["mat1"], call["mat2"]
+    if isinstance(pl[bias], Shard):
+        return replicated(call, "the bias of a matmul is split")
+    answer = einsum_decision("mk,kn->mn", [a, b], pl)
+    if isinstance(answer, str):
+        return replicated(call, f"matmul: {answer}")
+    required, out = answer
+    if isinstance(out, Partial):
+        return replicated(call, "a bias added to a sum split over the ranks")
+    bias_dim = out.dim - (2 - len(shape(bias)))
+    spans = bias_dim >= 0 and shape(bias)[bias_dim] == shape(call.node)[out.dim]
+    return Decision({bias: Shard(bias_dim, out.layout) if spans else REPLICATE, **required}, out)
+
+
+@rule(aten._scaled_mm.default, family="matmul")
+def scaled_mm(call: Call, pl) -> Decision:
+    """fp8 matmul (torchao): rows of ``self`` split with their per-row scales; a per-tensor scale,
     the weight, its scale and the bias stay whole."""
-    a, b, scale_a, scale_b = node.args[:4]
-    bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
+    a, scale_a = call["self"], call["scale_a"]
+    whole = [x for x in (call["mat2"], call["scale_b"], call.get("bias")) if isinstance(x, fx.Node)]
     pa = pl[a]
-    whole = [x for x in (b, scale_b, bias) if isinstance(x, fx.Node)]
-    if isinstance(pa, Shard) and pa.dim == 0 and not any(isinstance(pl[x], Shard) for x in whole):
-        if val(scale_a).numel() == 1:
-            scale_p = REPLICATE
-        elif len(shape(scale_a)) == 2 and shape(scale_a)[0] == shape(a)[0]:
-            scale_p = Shard(0, pa.layout)
-        else:
-            return replicated(node, "fp8 matmul with a scale that is neither per-row nor per-tensor")
-        return Decision({a: pa, scale_a: scale_p, **{x: REPLICATE for x in whole}}, pa)
-    if any(isinstance(pl[x], Shard) for x in (a, b, scale_a, scale_b, *whole)):
-        return replicated(node, "fp8 matmul over the sharded dim")
-    return replicated(node)
-
-
-@rule(aten.bmm.default)
-def bmm(node, pl, g):
-    a, b = node.args
-    pa, pb = pl[a], pl[b]
-    if isinstance(pa, Shard) and pa.dim == 0 and pb == Shard(0, pa.layout):
-        return Decision({a: pa, b: pb}, pa)
-    if isinstance(pa, Shard) and pa.dim == 0 and isinstance(pb, Replicate):
-        return Decision({a: pa, b: Shard(0, pa.layout)}, pa)
-    if isinstance(pa, Shard) and pa.dim == 1 and not isinstance(pb, Shard):
-        return Decision({a: pa, b: REPLICATE}, pa)
-    if isinstance(pb, Shard) and pb.dim == 2 and not isinstance(pa, Shard):
-        return Decision({a: REPLICATE, b: pb}, pb)
-    if isinstance(pa, Shard) or isinstance(pb, Shard):
-        return replicated(node, "batched matmul over the sharded dim")
-    return replicated(node)
+    if not (isinstance(pa, Shard) and pa.dim == 0) or any(isinstance(pl[x], Shard) for x in whole):
+        return replicated(call, "fp8 matmul over the sharded dim")
+    if val(scale_a).numel() == 1:
+        scale_p = REPLICATE
+    elif len(shape(scale_a)) == 2 and shape(scale_a)[0] == shape(a)[0]:
+        scale_p = Shard(0, pa.layout)
+    else:
+        return replicated(call, "fp8 matmul with a scale that is neither per-row nor per-tensor")
+    return Decision({a: pa, scale_a: scale_p, **{x: REPLICATE for x in whole}}, pa)
 
 
 # --- normalisation and reductions --------------------------------------------------------------
 
 
-@rule(aten.native_layer_norm.default)
-def layer_norm(node, pl, g):
-    x, normalized = node.args[0], node.args[1]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    if p.dim >= len(shape(x)) - len(normalized):
-        return replicated(node, "normalises over the sharded dim")
-    return keep(node, pl, x, [p, p, p])
+def _normalised_over_last(call: Call, pl, outputs: int) -> Decision:
+    p = sharded_input(call, pl, "input")
+    if p is None:
+        return replicated(call)
+    if p.dim >= len(shape(call["input"])) - len(call["normalized_shape"]):
+        return replicated(call, "normalises over the sharded dim")
+    return keep(call, pl, call["input"], [p] * outputs)
 
 
-@rule(aten._fused_rms_norm.default)
-def rms_norm(node, pl, g):
+@rule(aten.native_layer_norm.default, family="norm")
+def layer_norm(call: Call, pl) -> Decision:
+    return _normalised_over_last(call, pl, 3)  # (output, mean, rstd)
+
+
+@rule(aten._fused_rms_norm.default, family="norm")
+def rms_norm(call: Call, pl) -> Decision:
     """CUDA's capture of ``F.rms_norm`` (CPU decomposes it to pointwise ops): (output, rstd)."""
-    x, normalized = node.args[0], node.args[1]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    if p.dim >= len(shape(x)) - len(normalized):
-        return replicated(node, "normalises over the sharded dim")
-    return keep(node, pl, x, [p, p])
+    return _normalised_over_last(call, pl, 2)
 
 
-@rule(aten.native_group_norm.default)
-def group_norm(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
+@rule(aten.native_group_norm.default, family="norm")
+def group_norm(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl, "input")
+    if p is None:
+        return replicated(call)
     if p.dim != 0:
-        return replicated(node, "group norm over the sharded dim")
-    args = list(node.args)
-    args[3] = g.local(p.layout)
-    return keep(node, pl, x, [p, p, p], args=tuple(args))
+        return replicated(call, "group norm over the sharded dim")
+    return keep(call, pl, call["input"], [p, p, p])
 
 
-@rule(aten._softmax.default, aten._log_softmax.default)
-def softmax(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    if _norm(node.args[1], len(shape(x))) == p.dim:
-        return replicated(node, "softmax over the sharded dim")
-    return keep(node, pl, x, p)
+@rule(aten._softmax.default, aten._log_softmax.default, family="reduction")
+def softmax(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    if call.dim("dim", len(shape(call["self"]))) == p.dim:
+        return replicated(call, "softmax over the sharded dim")
+    return keep(call, pl, call["self"], p)
 
 
-def partial_mean(x: torch.Tensor, dims: list[int], keepdim: bool, count: int, dtype=None) -> torch.Tensor:
-    """This rank's share of a mean over a sharded dim: its local sum over the global count."""
-    return torch.sum(x, dims, keepdim, dtype=dtype) / count
+def reduced_dims(call: Call) -> list[int]:
+    ndim = len(shape(call["self"]))
+    dims = call.get("dim", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d + ndim if d < 0 else d for d in dims] or list(range(ndim))
 
 
-@rule(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default)
-def reduction(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if not isinstance(p, Shard):
-        return replicated(node)
-    ndim = len(shape(x))
-    dims = node.args[1] if len(node.args) > 1 else []
-    dims = [_norm(d, ndim) for d in ([dims] if isinstance(dims, int) else dims)] or list(range(ndim))
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+_PARTIAL = {aten.amax.default: "max", aten.amin.default: "min"}
+
+
+@rule(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, family="reduction")
+def reduction(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl)
+    if p is None:
+        return replicated(call)
+    dims = reduced_dims(call)
     if p.dim not in dims:
-        return keep(node, pl, x, Shard(p.dim if keepdim else p.dim - sum(d < p.dim for d in dims), p.layout))
-    if node.target is aten.amax.default:
-        return keep(node, pl, x, Partial("max"))
-    if node.target is aten.amin.default:
-        return keep(node, pl, x, Partial("min"))
-    if node.target is aten.mean.dim:
-        count = _prod(shape(x)[d] for d in dims)
-        return keep(node, pl, x, Partial("sum"), args=(x, dims, keepdim, count), kwargs=dict(node.kwargs), target=partial_mean)
-    return keep(node, pl, x, Partial("sum"))
+        keepdim = call.get("keepdim", False)
+        return keep(call, pl, call["self"], Shard(p.dim if keepdim else p.dim - sum(d < p.dim for d in dims), p.layout))
+    # a mean becomes a local sum over the global count (localize), so all three are partial sums or extrema
+    return keep(call, pl, call["self"], Partial(_PARTIAL.get(call.node.target, "sum")))
 
 
 # --- everything with a batch or index dim ------------------------------------------------------
 
 
-@rule(aten.embedding.default)
-def embedding(node, pl, g):
-    weight, indices = node.args[:2]
-    p = pl[indices]
-    if isinstance(pl[weight], Shard):
-        return replicated(node, "embedding table is sharded")
-    if not isinstance(p, Shard):
-        return replicated(node)
-    return keep(node, pl, indices, p)
+@rule(aten.embedding.default, family="index")
+def embedding(call: Call, pl) -> Decision:
+    if isinstance(pl[call["weight"]], Shard):
+        return replicated(call, "embedding table is sharded")
+    p = sharded_input(call, pl, "indices")
+    if p is None:
+        return replicated(call)
+    return keep(call, pl, call["indices"], p)
 
 
-@rule(aten.convolution.default)
-def convolution(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
-    if isinstance(p, Shard) and p.dim == 0 and not any(isinstance(pl[a], Shard) for a in node.args[1:3] if a is not None):
-        return keep(node, pl, x, p)
-    if any(isinstance(pl[a], Shard) for a in tensor_inputs(node)):
-        return replicated(node, "convolution over a sharded dim")
-    return replicated(node)
+@rule(aten.convolution.default, family="conv")
+def convolution(call: Call, pl) -> Decision:
+    p = sharded_input(call, pl, "input")
+    params = [x for x in (call["weight"], call.get("bias")) if isinstance(x, fx.Node)]
+    if p is not None and p.dim == 0 and not any(isinstance(pl[x], Shard) for x in params):
+        return keep(call, pl, call["input"], p)
+    return replicated(call, "convolution over a sharded dim")
 
 
 # --- collectives already in the graph (another group's pass) commute with this group -----------
 
 
-@rule(c10d.wait_tensor.default, c10d.all_reduce.default)
-def elementwise_collective(node, pl, g):
-    x = node.args[0]
-    return keep(node, pl, x, pl[x])
+@rule(c10d.wait_tensor.default, family="collective")
+def wait(call: Call, pl) -> Decision:
+    return keep(call, pl, call["tensor"], pl[call["tensor"]])
 
 
-@rule(c10d.all_gather_into_tensor.default)
-def all_gather(node, pl, g):
-    x = node.args[0]
-    p = pl[x]
+@rule(c10d.all_reduce.default, family="collective")
+def all_reduce(call: Call, pl) -> Decision:
+    return keep(call, pl, call["input"], pl[call["input"]])
+
+
+@rule(c10d.all_gather_into_tensor.default, family="collective")
+def all_gather(call: Call, pl) -> Decision:
+    p = pl[call["input"]]
     if isinstance(p, Shard) and p.dim == 0:
-        return replicated(node, "another group gathers along the sharded dim")
-    return keep(node, pl, x, p)
+        return replicated(call, "another group gathers along the sharded dim")
+    return keep(call, pl, call["input"], p)
 
 
-VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.permute.default,
-    aten.transpose.int, aten.t.default, aten.slice.Tensor, aten.select.int,
-}
+# --- attention: placements decided by the shard pass itself (per group kind) -------------------
 
-
-def decide(node: fx.Node, pl: dict, g: Group) -> Decision:
-    fn = RULES.get(node.target)
-    if fn is None and is_pointwise(node.target):
-        fn = pointwise
-    if fn is None:
-        sharded = any(not isinstance(pl[a], Replicate) for a in tensor_inputs(node))
-        if not sharded:
-            return replicated(node)
-        answer = dtensor_placements(node, pl, g.parts, g.rank)
-        if answer is not None:
-            return Decision(*answer)
-        return replicated(node, f"no sharding rule for {node.target}")
-    return fn(node, pl, g)
-
+ATTENTION = (
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+)
+for _op in ATTENTION:
+    FAMILIES[_op] = "attention"

@@ -1,11 +1,15 @@
 """Shard rules one op at a time: a one-node graph with fake values, placements in, decision out."""
 
+import pytest
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from para_fx.passes.localize import localize, partial_mean
 from para_fx.passes.shard_rules import Group, decide
-from para_fx.placement import REPLICATE, Partial, Shard, plain
+from para_fx.placement import (
+    REPLICATE, Partial, Shard, factor_layout, global_size, local_ranges, local_size, normalize, plain, repeat, scale_units,
+)
 
 aten = torch.ops.aten
 GROUP = Group(parts=2, rank=1, name="unused")
@@ -18,13 +22,15 @@ def one_op(target, *args, **kwargs):
     fakes = {}
 
     def as_node(a):
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [as_node(t) for t in a]
         if not isinstance(a, torch.Tensor):
             return a
         node = graph.placeholder(f"x{len(fakes)}")
         node.meta["val"] = fakes[node] = mode.from_tensor(a)
         return node
 
-    node_args = fx.node.map_aggregate(args, as_node)
+    node_args = tuple(as_node(a) for a in args)
     node = graph.call_function(target, node_args, kwargs)
     with mode:
         node.meta["val"] = target(*fx.node.map_aggregate(node_args, lambda a: fakes.get(a, a)), **kwargs)
@@ -69,3 +75,85 @@ def test_replicated_inputs_need_no_rule():
     node, (x,) = one_op(aten.cumsum.default, torch.randn(2, 9, 8), 1)
     d = decide(node, {x: REPLICATE}, GROUP)
     assert d.reason is None and d.out == REPLICATE
+
+
+# --- table-driven: one row per (op call, input placements) -> expected output placement ---------
+
+SEG = ((3, 1), (4, 1))  # cat([text of 3, image of 4]) split over 2 ranks, segment by segment
+T = torch.randn  # a tensor argument of this shape
+ROWS = [
+    # (id, op, args, placements of the tensor args in order, expected output placement)
+    ("add broadcast", aten.add.Tensor, (T(2, 7, 8), T(8)), [Shard(1, SEG), REPLICATE], Shard(1, SEG)),
+    ("mul spans", aten.mul.Tensor, (T(2, 7, 8), T(1, 7, 8)), [Shard(1, SEG), REPLICATE], Shard(1, SEG)),
+    ("view flattens batch", aten.view.default, (T(2, 7, 8), [14, 8]), [Shard(1, SEG)], Shard(0, SEG * 2)),
+    ("view splits heads", aten.view.default, (T(2, 7, 8), [2, 7, 2, 4]), [Shard(1, SEG)], Shard(1, SEG)),
+    ("view merges the split", aten.view.default, (T(2, 7, 8), [2, 56]), [Shard(1, plain(7))], Shard(1, ((7, 8),))),
+    ("view cuts tokens", aten.view.default, (T(2, 6, 8), [2, 4, 12]), [Shard(1, plain(6))], REPLICATE),
+    ("permute", aten.permute.default, (T(2, 7, 8), [2, 0, 1]), [Shard(1, SEG)], Shard(2, SEG)),
+    ("transpose", aten.transpose.int, (T(2, 7, 8), 1, 2), [Shard(1, SEG)], Shard(2, SEG)),
+    ("unsqueeze before", aten.unsqueeze.default, (T(2, 7, 8), 0), [Shard(1, SEG)], Shard(2, SEG)),
+    ("slice a segment", aten.slice.Tensor, (T(2, 7, 8), 1, 3, 7), [Shard(1, SEG)], Shard(1, ((4, 1),))),
+    ("slice cuts a shard", aten.slice.Tensor, (T(2, 7, 8), 1, 0, 5), [Shard(1, SEG)], REPLICATE),
+    ("slice another dim", aten.slice.Tensor, (T(2, 7, 8), 2, 0, 4), [Shard(1, SEG)], Shard(1, SEG)),
+    ("mm rows", aten.mm.default, (T(7, 8), T(8, 5)), [Shard(0, SEG), REPLICATE], Shard(0, SEG)),
+    ("mm columns", aten.mm.default, (T(5, 8), T(8, 7)), [REPLICATE, Shard(1, SEG)], Shard(1, SEG)),
+    ("mm contracts the split", aten.mm.default, (T(5, 7), T(7, 4)), [Shard(1, SEG), REPLICATE], Partial("sum")),
+    ("bmm batch", aten.bmm.default, (T(7, 2, 3), T(7, 3, 4)), [Shard(0, SEG), REPLICATE], Shard(0, SEG)),
+    ("bmm K^T V", aten.bmm.default, (T(2, 8, 7), T(2, 7, 8)), [Shard(2, SEG), Shard(1, SEG)], Partial("sum")),
+    ("addmm rows", aten.addmm.default, (T(5), T(7, 8), T(8, 5)), [REPLICATE, Shard(0, SEG), REPLICATE], Shard(0, SEG)),
+    ("layer norm", aten.native_layer_norm.default, (T(2, 7, 8), [8], T(8), T(8), 1e-5),
+     [Shard(1, SEG), REPLICATE, REPLICATE], [Shard(1, SEG)] * 3),
+    ("softmax over the split", aten._softmax.default, (T(2, 7, 8), 1, False), [Shard(1, SEG)], REPLICATE),
+    ("sum over the split", aten.sum.dim_IntList, (T(2, 7, 8), [1]), [Shard(1, SEG)], Partial("sum")),
+    ("amax keepdim", aten.amax.default, (T(2, 7, 8), [2], True), [Shard(1, SEG)], Shard(1, SEG)),
+    ("cat on the split", aten.cat.default, ([T(2, 3, 8), T(2, 4, 8)], 1),
+     [Shard(1, plain(3)), Shard(1, plain(4))], Shard(1, SEG)),
+]
+
+
+@pytest.mark.parametrize("name, op, args, placements, expected", ROWS, ids=[r[0] for r in ROWS])
+def test_rule_table(name, op, args, placements, expected):
+    node, fakes = one_op(op, *args)
+    d = decide(node, dict(zip(fakes, placements, strict=True)), GROUP)
+    assert d.out == expected, (name, d)
+    assert (d.reason is not None) == (expected == REPLICATE), (name, d.reason)
+
+
+def test_localize_rewrites_sizes_and_offsets():
+    node, (x, *_) = one_op(aten.slice.Tensor, torch.randn(2, 7, 8), 1, 3, 7)
+    d = decide(node, {x: Shard(1, SEG)}, GROUP)
+    target, args, kwargs = localize(node, d, GROUP)  # rank 1 of 2 holds text 1 (3 -> 2, 1) and image 2 (4 -> 2, 2)
+    assert (kwargs["start"], kwargs["end"]) == (1, 3)
+    node, (x,) = one_op(aten.view.default, torch.randn(2, 7, 8), [14, 8])
+    _, _, kwargs = localize(node, decide(node, {x: Shard(1, SEG)}, GROUP), GROUP)
+    assert kwargs["size"] == [6, 8]
+    node, (x,) = one_op(aten.mean.dim, torch.randn(2, 7, 8), [1])
+    target, _, kwargs = localize(node, decide(node, {x: Shard(1, SEG)}, GROUP), GROUP)
+    assert target is partial_mean and kwargs["count"] == 7
+
+
+# --- placement.py: the layout arithmetic -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout, parts, rank, size, ranges",
+    [
+        (plain(7), 2, 0, 4, [(0, 4)]),  # torch.tensor_split: the first ranks take the extra item
+        (plain(7), 2, 1, 3, [(4, 3)]),
+        (plain(2), 4, 3, 0, []),  # fewer items than ranks: empty chunks
+        (SEG, 2, 0, 4, [(0, 2), (3, 2)]),  # segment by segment
+        (SEG, 2, 1, 3, [(2, 1), (5, 2)]),
+        (((3, 4),), 2, 1, 4, [(8, 4)]),  # units of 4 items: [S, D] flattened with S split
+    ],
+)
+def test_local_sizes_and_ranges(layout, parts, rank, size, ranges):
+    assert local_size(layout, parts, rank) == size
+    assert local_ranges(layout, parts, rank) == ranges
+    assert sum(local_size(layout, parts, r) for r in range(parts)) == global_size(layout)
+
+
+def test_factor_layout_inverts_repeat_and_scale():
+    assert factor_layout(repeat(scale_units(SEG, 4), 2), 2, 4) == SEG
+    assert factor_layout(SEG * 2, 3, 1) is None  # 2 periods cannot be 3
+    assert factor_layout(((3, 2),), 1, 4) is None  # a unit of 2 is not a multiple of 4
+    assert normalize(((0, 1), (3, 1), (2, 0))) == ((3, 1),)
