@@ -9,9 +9,13 @@ diff to the pass before. Open it in any browser; it renders without a network.
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
 from .dump import NodeRow
-from .report import PLACEMENT_LEGEND, Report
+from .placement import PLACEMENT_LEGEND
+
+if TYPE_CHECKING:
+    from .report import Report  # the report renders itself with this module
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }

@@ -44,6 +44,12 @@ class Partial:
 
 
 Placement = Replicate | Shard | Partial
+# for reports: how placements print
+PLACEMENT_LEGEND = (
+    "placements: R replicated (whole on every rank); S(d) split along dim d over the ranks; "
+    "S(d, [(n, u), ...]) dim d is segments of n units of u elements, each segment split over the ranks "
+    "(FLUX: [(7, 1), (35, 1)] is 7 text then 35 image tokens); P(op) partial results awaiting a reduce"
+)
 REPLICATE = Replicate()
 
 

@@ -17,6 +17,8 @@ import torch.fx as fx
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from . import dump
+from .html import render_report
+from .placement import PLACEMENT_LEGEND
 from .passes.shard_rules import family
 from .dump import NodeRow, is_collective, module_path, source_line  # noqa: F401  (module_path, source_line: used by the passes)
 
@@ -124,13 +126,6 @@ _GENERIC_ADVICE = {
     False: "one gather per step outside the blocks; worth changing only if the value is large",
 }
 SPLIT_STRATEGIES = ("ulysses", "ring", "hybrid", "local")
-PLACEMENT_LEGEND = (
-    "placements: R replicated (whole on every rank); S(d) split along dim d over the ranks; "
-    "S(d, [(n, u), ...]) dim d is segments of n units of u elements, each segment split over the ranks "
-    "(FLUX: [(7, 1), (35, 1)] is 7 text then 35 image tokens); P(op) partial results awaiting a reduce"
-)
-
-
 @dataclasses.dataclass
 class Table:
     title: str
@@ -420,8 +415,6 @@ class Report:
 
     def save_html(self, path: str) -> None:
         """One self-contained HTML page: the tables and every pass's graph, coloured by placement."""
-        from .html import render_report
-
         with open(path, "w", encoding="utf-8") as f:
             f.write(render_report(self))
 
