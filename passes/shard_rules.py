@@ -298,6 +298,9 @@ DIM_MAPS: dict[Any, Callable[[Call, Shard], Shard | None]] = {
     ),
     aten.transpose.int: _transpose,
     aten.t.default: lambda call, p: Shard(1 - p.dim if len(shape(call["self"])) == 2 else 0, p.layout),
+    # complex RoPE: [..., 2] real pairs <-> [...] complex numbers; the leading dims stay where they are
+    aten.view_as_complex.default: lambda call, p: p if p.dim < len(shape(call["self"])) - 1 else None,
+    aten.view_as_real.default: lambda call, p: p,
 }
 
 
