@@ -13,6 +13,7 @@ so that Inductor sees them and can overlap them with compute.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,12 @@ def context_parallel_attention(
         return local_attention(query, key, value, attn_mask, scale)
     if kv_len is None and attn_mask is not None:
         kv_len = attn_mask.shape[-1]
+    # Plain ints: once a length changes, Dynamo makes sizes and int arguments symbolic, which the
+    # layout arithmetic and the trace-time exchange cannot take. operator.index specialises them
+    # (one graph per length), where Dynamo keeps int() symbolic.
+    query_len, kv_len = _static(query_len), _static(kv_len)
     if query_len is None or kv_len is None:
-        q_global, kv_global = _exchange_lengths(info.seq_group, query.shape[2], key.shape[2])
+        q_global, kv_global = _exchange_lengths(info.seq_group, _static(query.shape[2]), _static(key.shape[2]))
         query_len = query_len if query_len is not None else q_global
         kv_len = kv_len if kv_len is not None else kv_global
     bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
@@ -72,6 +77,10 @@ def context_parallel_attention(
     if isinstance(out, funcol.AsyncCollectiveTensor):  # eager: finish the transfer before the caller
         out = out.wait()  # sees it (torch.save, all_gather_object and .numpy() read memory as it is)
     return out
+
+
+def _static(length: int | None) -> int | None:
+    return None if length is None else operator.index(length)
 
 
 def _key_mask_to_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -99,3 +99,31 @@ def test_the_check_mode_comes_from_the_backend_or_the_environment(monkeypatch):
     assert (check_mode(None), check_mode("off")) == ("every", "off")
     with pytest.raises(ValueError, match="check_inputs must be one of"):
         para_fx.backend(check_inputs="always")
+
+
+# --- compiled context_parallel_attention on a second sequence length -----------------------------
+
+
+def compiled_attention_lengths(pass_lengths):
+    """Max error of a compiled call per (query, key) length pair, one after another."""
+    torch.set_num_threads(1)
+    mesh = para_fx.init_mesh()
+    rank = dist.get_rank()
+    torch._dynamo.reset()
+    attend = torch.compile(para_fx.context_parallel_attention, backend="eager", fullgraph=True)
+    errors = []
+    for sq, skv in ((37, 53), (21, 30), (37, 53)):
+        g = torch.Generator().manual_seed(sq)
+        q, k, v = torch.randn(1, 2, sq, 8, generator=g), torch.randn(1, 2, skv, 8, generator=g), torch.randn(1, 2, skv, 8, generator=g)
+        part = lambda x: torch.tensor_split(x, 2, dim=2)[rank]
+        lengths = dict(query_len=sq, kv_len=skv) if pass_lengths else {}
+        out = attend(part(q), part(k), part(v), mesh=mesh, **lengths)
+        expected = part(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        errors.append((out - expected).abs().max().item())
+    return errors
+
+
+@pytest.mark.parametrize("pass_lengths", [True, False], ids=["lengths", "exchanged"])
+def test_compiled_attention_takes_a_second_sequence_length(pass_lengths):
+    for errors in run_ranks(compiled_attention_lengths, 2, pass_lengths, timeout=120):
+        assert max(errors) <= 1e-5, errors
