@@ -57,24 +57,20 @@ def local_offset(layout: Layout, start: int, g: Group) -> int:
     return local
 
 
-def _slice(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
-    p = d.inputs[call["self"]]
-    dim = call.dim("dim", len(shape(call["self"])))
-    if not isinstance(p, Shard) or dim != p.dim:
-        return call.node.target, call.args
-    start, _, _ = slice_bounds(call, shape(call["self"])[dim])
-    lo = local_offset(p.layout, start, g)
-    return call.node.target, {**call.args, "start": lo, "end": lo + g.local(d.out.layout)}
+def _bounds(span: Callable[[Call, Decision], Shard]) -> Localizer:
+    """slice / slice_scatter along the split dim: local start, and end = start + the local length
+    of ``span`` (the slice taken, or the piece scattered)."""
 
+    def fn(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
+        p = d.inputs[call["self"]]
+        dim = call.dim("dim", len(shape(call["self"])))
+        if not isinstance(p, Shard) or dim != p.dim:
+            return call.node.target, call.args
+        start, _, _ = slice_bounds(call, shape(call["self"])[dim])
+        lo = local_offset(p.layout, start, g)
+        return call.node.target, {**call.args, "start": lo, "end": lo + g.local(span(call, d).layout)}
 
-def _slice_scatter(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
-    p = d.inputs[call["self"]]
-    dim = call.dim("dim", len(shape(call["self"])))
-    if not isinstance(p, Shard) or dim != p.dim:
-        return call.node.target, call.args
-    start, _, _ = slice_bounds(call, shape(call["self"])[dim])
-    lo = local_offset(p.layout, start, g)
-    return call.node.target, {**call.args, "start": lo, "end": lo + g.local(d.inputs[call["src"]].layout)}
+    return fn
 
 
 def _split(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
@@ -110,8 +106,8 @@ def _mean(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
 LOCALIZE: dict[Any, Localizer] = {
     **{op: _sized for op in RESHAPES},
     aten.expand.default: _sized,
-    aten.slice.Tensor: _slice,
-    aten.slice_scatter.default: _slice_scatter,
+    aten.slice.Tensor: _bounds(lambda call, d: d.out),
+    aten.slice_scatter.default: _bounds(lambda call, d: d.inputs[call["src"]]),
     aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split,
     aten.native_group_norm.default: _group_norm,
