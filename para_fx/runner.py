@@ -4,10 +4,13 @@
 (NCCL with one GPU per rank when CUDA is available, gloo otherwise). Every rank builds its
 state once with ``setup(rank, world_size)`` (load and compile a pipeline, say); then every request
 goes to all ranks, which run ``handle(state, *args, **kwargs)`` together (SPMD), and rank 0's
-result comes back. A request never hangs the caller: an exception on a rank is raised here with
-that rank's traceback, a request that outlives its timeout raises ``TimeoutError``, and a rank
-process that dies is noticed within a second. The runner keeps serving after a failed or timed-out
-request; only a dead rank requires ``restart()``.
+result comes back. A request never hangs the caller: an exception on a rank is raised here as
+``RequestFailed`` with that rank's traceback first; a request that outlives its timeout raises
+``TimeoutError``; a rank process that dies is noticed within a second (``RankDied``). The runner
+keeps serving after a failed or timed-out request. When a rank raised while the others wait in a
+collective it will never join, they cannot be freed: after a grace of a few seconds the runner
+kills and respawns every rank (``setup`` runs again) before raising the error. Only a dead rank
+requires ``restart()``.
 
 ``setup`` and ``handle`` must be importable by name (module-level functions): ranks are spawned.
 Results travel through a pipe; CUDA tensors in them are moved to the CPU first.
@@ -32,16 +35,16 @@ from .launch import RankFailed, free_port
 
 _SETUP = -1  # the request id of the setup step's replies
 _POLL_S = 0.5  # how often a waiting caller checks that every rank is alive
-_STUCK_GRACE_S = 10.0  # after a rank failed, how long the others may take to answer before the runner is closed
+_STUCK_GRACE_S = 3.0  # after a rank failed, how long the others may take to answer before they are respawned
 _CLOSE_GRACE_S = 10.0  # how long ranks may take to exit when asked, before they are killed
 
 
 class RequestFailed(RankFailed):
     """``handle`` (or ``setup``) raised on a rank; ``rank`` and ``remote_traceback`` say where and how."""
 
-    def __init__(self, rank: int, remote_traceback: str, others: list[int]):
+    def __init__(self, rank: int, remote_traceback: str, others: list[int], respawned: str = ""):
         also = f" (ranks {others} failed too)" if others else ""
-        super().__init__(f"rank {rank} raised{also}:\n{remote_traceback}")
+        super().__init__(f"rank {rank} raised{also}:\n{remote_traceback}{respawned}")
         self.rank = rank
         self.remote_traceback = remote_traceback
 
@@ -112,8 +115,8 @@ class Runner:
             self.close()
             raise
 
-    def close(self) -> None:
-        """Stop every rank (asking first, killing after a grace period) and reap the processes."""
+    def close(self, grace: float = _CLOSE_GRACE_S) -> None:
+        """Stop every rank (asking first, killing after ``grace`` seconds) and reap the processes."""
         atexit.unregister(self.close)
         if not self._procs:
             return
@@ -122,7 +125,7 @@ class Runner:
                 q.put(None)
             except (ValueError, OSError):  # queue already closed
                 pass
-        deadline = time.monotonic() + _CLOSE_GRACE_S
+        deadline = time.monotonic() + grace
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self._procs:
@@ -184,13 +187,13 @@ class Runner:
         results: dict[int, Any] = {}
         failures: dict[int, str] = {}
         while len(results) + len(failures) < self.world_size:
+            self._check_alive({**results, **failures})
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
                 reply_id, rank, ok, payload = self._replies.get(timeout=min(remaining, _POLL_S))
             except queue.Empty:
-                self._check_alive()
                 continue
             if reply_id != request_id:
                 continue
@@ -202,11 +205,15 @@ class Runner:
         missing = sorted(set(range(self.world_size)) - set(results) - set(failures))
         if failures:
             first = min(failures)
-            error = RequestFailed(first, failures[first], sorted(failures)[1:])
-            if missing:  # they wait in a collective the failed rank never joins: a later request would pair with it
-                self._broken = f"ranks {missing} did not finish the {what} after rank {first} failed (stuck in a collective?)"
-                self.close()
-                raise RankDied(f"para_fx runner: {self._broken}; the runner was closed: call restart()") from error
+            if not missing:
+                raise RequestFailed(first, failures[first], sorted(failures)[1:])
+            # they wait in a collective the failed rank never joins, and a later request would pair with it
+            note = (
+                f"\n(ranks {missing} did not finish the {what} within {_STUCK_GRACE_S:g}s of rank {first}'s error, "
+                "stuck in a collective: every rank was respawned and setup ran again)"
+            )
+            error = RequestFailed(first, failures[first], sorted(failures)[1:], note)
+            self._respawn(error)
             raise error
         if missing:
             raise TimeoutError(
@@ -215,12 +222,23 @@ class Runner:
             )
         return [results[r] for r in range(self.world_size)]
 
-    def _check_alive(self) -> None:
-        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+    def _check_alive(self, answered: dict[int, Any]) -> None:
+        """Raise ``RankDied`` for a rank that exited before answering (the others are killed at once:
+        they may wait in a collective for it)."""
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if rank not in answered and not p.is_alive()]
         if dead:
             self._broken = ", ".join(f"rank {rank} died (exit code {code})" for rank, code in dead)
-            self.close()
+            self.close(grace=0.0)
             raise RankDied(f"para_fx runner: {self._broken}; the runner must be restarted (restart())")
+
+    def _respawn(self, cause: BaseException) -> None:
+        """Kill every rank and start afresh; a runner that cannot start again is left broken."""
+        self.close(grace=0.0)
+        try:
+            self.start()
+        except BaseException as error:
+            self._broken = f"respawning the ranks after a failed request failed: {error}"
+            raise RankDied(f"para_fx runner: {self._broken}; call restart()") from cause
 
 
 def _serve(setup, handle, rank, world_size, port, backend, requests, replies) -> None:

@@ -29,6 +29,12 @@ def handle(state, op, *args):
         time.sleep(args[0])
     if op == "exit_on" and rank == args[0]:
         os._exit(3)
+    if op in ("raise_in_collective", "exit_in_collective"):  # the others wait for it in an all-reduce
+        if rank == args[0]:
+            if op == "exit_in_collective":
+                os._exit(4)
+            raise ValueError(f"bad request on rank {rank}")
+        dist.all_reduce(torch.ones(1))
     return op, rank
 
 
@@ -67,6 +73,28 @@ def test_timeout_then_next_request_gets_its_own_answer(runner):
         runner.request(("sleep", 2.0), timeout=0.5)
     # The late answer to the timed-out request is dropped, not mistaken for this one's.
     assert runner.request(("echo",), timeout=30) == ("echo", 0)
+
+
+def test_error_while_the_others_wait_in_a_collective_respawns_and_keeps_serving(runner):
+    before = runner.pids
+    started = time.monotonic()
+    with pytest.raises(RequestFailed) as info:
+        runner("raise_in_collective", 1)
+    message = str(info.value)
+    assert message.startswith("rank 1 raised:\nTraceback") and "ValueError: bad request on rank 1" in message
+    assert "ranks [0] did not finish the request" in message and "respawned" in message
+    assert time.monotonic() - started < 30
+    assert not any(alive(p) for p in before)
+    assert runner("info")[2].item() == 30.0  # serving again, with a fresh process group
+
+
+def test_a_rank_killed_inside_a_collective_is_noticed_within_seconds(runner):
+    started = time.monotonic()
+    with pytest.raises(RankDied, match=r"rank 1 died \(exit code 4\)"):
+        runner("exit_in_collective", 1)
+    assert time.monotonic() - started < 3
+    runner.restart()
+    assert runner("info")[1] == 2
 
 
 def test_dead_rank_requires_restart_and_close_leaves_no_process(runner):
