@@ -19,6 +19,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from . import dump
 from .html import render_report
 from .placement import PLACEMENT_LEGEND
+from .passes.blocks import find_blocks
 from .passes.shard_rules import family
 from .dump import NodeRow, is_collective, module_path, source_line  # noqa: F401  (module_path, source_line: used by the passes)
 
@@ -157,8 +158,6 @@ class Report:
         record.passes.append(step)
         self.graphs[name] = step.code
         if name == "captured" and not self.blocks:
-            from .passes.blocks import find_blocks  # the blocks pass imports this module
-
             self.blocks = [b.name for b in find_blocks(graph.graph)]
         collectives = sum(r.collective for r in step.rows)
         log.debug("para_fx: %s after %s: %d nodes, %d collectives", record.name, name, len(step.rows), collectives)

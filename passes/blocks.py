@@ -14,9 +14,9 @@ import re
 
 import torch.fx as fx
 
-from para_fx.report import module_path
+from para_fx.dump import module_path
 
-from .shard import ATTENTION_OPS
+from .shard_rules import family
 
 _INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
@@ -46,7 +46,7 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
             continue
         span = spans.setdefault(name, [position, position])
         span[1] = position
-        if node.target in ATTENTION_OPS:
+        if family(node.target) == "attention":
             with_attention.add(name)
     if not with_attention:
         return []

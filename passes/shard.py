@@ -30,12 +30,9 @@ from para_fx.report import AttentionSite, Fallback, Report, module_path, source_
 
 from .localize import localize
 from .redistribute import Redistributor, mark
-from .shard_rules import ATTENTION, Decision, Group, decide, family, replicated, shape, tensor_inputs, val, Call
+from .shard_rules import Call, Decision, Group, decide, family, replicated, shape, tensor_inputs, val
 
 aten = torch.ops.aten
-
-ATTENTION_OPS = set(ATTENTION)  # the block finder's name for them
-
 
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
