@@ -42,6 +42,8 @@ class Options:
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
     check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
+    # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
+    static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 class ParaBackend:
@@ -94,17 +96,17 @@ def backend(
     )
 
 
-_DEFAULT_MESH: list[DeviceMesh | None] = []
+_DEFAULT_OPTIONS: list[Options] = []  # one for the process: its compiled graphs are shared by every call
 
 
 def para(
     gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: dict | None = None
 ) -> Callable[..., Any]:
     """``backend="para"``: the default mesh (all ranks Ulysses) when distributed, else one device."""
-    if not _DEFAULT_MESH:
+    if not _DEFAULT_OPTIONS:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        _DEFAULT_MESH.append(init_mesh() if distributed else None)
-    return compile_graph(gm, list(example_inputs), with_inductor_settings(Options(mesh=_DEFAULT_MESH[0]), mode, options))
+        _DEFAULT_OPTIONS.append(Options(mesh=init_mesh() if distributed else None))
+    return compile_graph(gm, list(example_inputs), with_inductor_settings(_DEFAULT_OPTIONS[0], mode, options))
 
 
 def with_inductor_settings(options: Options, mode: str | None, settings: dict | None) -> Options:
@@ -138,14 +140,37 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     scalars = scalar_reads(gm, example_inputs)
     if scalars or _is_dynamic(gm, example_inputs):
         log.info("para_fx: symbolic sizes or inputs read as numbers; compiling one graph per shape and value")
-        compiled = _Specialized(gm, options, sorted(scalars))
+        compiled = _Specialized(gm, options, sorted(scalars), example_inputs)
     else:
         compiled = _compile_static(gm, example_inputs, options)
+        options.static_graphs[_static_key(gm, example_inputs)] = compiled
     if options.mesh is None:
         return compiled
     names = [input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
     ranks = options.mesh.mesh.flatten().tolist()
     return with_input_check(compiled, names, ranks, check_mode(options.check_inputs), options.check_timeout)
+
+
+def _static_key(gm: fx.GraphModule, inputs: Sequence[Any], skip: Sequence[int] = ()) -> tuple:
+    """What identifies a static graph of one frame: the frame, the graph's tensor ops and their
+    non-integer literals (sizes differ between Dynamo's static and dynamic graphs of a frame), and
+    its inputs' names and metadata, leaving out the size inputs at ``skip``."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    placeholders = [n.name for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if i not in skip]
+    ops = []
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and isinstance(node.meta.get("example_value"), torch.Tensor):
+            literals = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+                        if isinstance(a, (float, bool, str, torch.dtype)) or a is None]
+            ops.append((node.op, str(node.target), repr(literals)))
+    signature = _signature([x for i, x in enumerate(inputs) if i not in skip])
+    return compile_id.frame_id if compile_id is not None else None, tuple(ops), tuple(placeholders), signature
+
+
+def _signature(inputs: Sequence[Any]) -> tuple:
+    return tuple(
+        (tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else x for x in inputs
+    )
 
 
 def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
@@ -278,22 +303,37 @@ class _Specialized:
     the graph reads as numbers.
 
     The shard pass splits sequences into uneven static chunks; rather than reason about
-    symbolic chunk sizes, a graph Dynamo made dynamic is specialised at call time.
+    symbolic chunk sizes, a graph Dynamo made dynamic is specialised at call time. A shape this
+    frame already compiled statically (its first call) reuses that graph, called without the
+    size arguments.
     """
 
-    def __init__(self, gm: fx.GraphModule, options: Options, read_inputs: list[int]):
+    def __init__(self, gm: fx.GraphModule, options: Options, read_inputs: list[int], example_inputs: list[Any]):
         self.gm = gm
         self.options = options
         self.read_inputs = read_inputs
         self.compiled: dict[tuple, Callable[..., Any]] = {}
+        self.sizes = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.SymInt)]  # Dynamo's size inputs
+        self.frame, self.ops, self.names, _ = _static_key(gm, [], self.sizes)
 
     def __call__(self, *args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         key += tuple(args[i].item() for i in self.read_inputs)
         fn = self.compiled.get(key)
         if fn is None:
-            fn = self.compiled[key] = _compile_static(self.gm, list(args), self.options)
+            fn = self.compiled[key] = self._compiled_before(args) or _compile_static(self.gm, list(args), self.options)
         return fn(*args)
+
+    def _compiled_before(self, args: tuple) -> Callable[..., Any] | None:
+        if self.read_inputs:
+            return None
+        if self.frame is None:
+            return None
+        keep = [i for i in range(len(args)) if i not in self.sizes]
+        static = self.options.static_graphs.get((self.frame, self.ops, self.names, _signature([args[i] for i in keep])))
+        if static is None:
+            return None
+        return lambda *call_args: static(*[call_args[i] for i in keep])
 
 
 def register_para_backend() -> None:

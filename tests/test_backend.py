@@ -127,3 +127,28 @@ def test_init_mesh_shapes_and_errors():
     }
     assert errors[0] == "init_mesh: ulysses=3 does not divide the world size 4 / batch 1 = 4"
     assert errors[1] == "init_mesh: batch=1 x ring=2 x ulysses=3 must multiply to the world size 4"
+
+
+def test_a_shape_that_comes_back_is_not_compiled_again(monkeypatch):
+    """Dynamo's dynamic graph (made at the second shape) is tried before the first, static one:
+    the first shape coming back reuses the static graph instead of compiling it again."""
+    import importlib
+
+    backend_module = importlib.import_module("para_fx.backend")
+    compiled_shapes = []
+    compile_static = backend_module._compile_static
+
+    def counting(gm, example_inputs, options):
+        compiled_shapes.append(next(tuple(x.shape) for x in example_inputs[::-1] if isinstance(x, torch.Tensor)))
+        return compile_static(gm, example_inputs, options)
+
+    monkeypatch.setattr(backend_module, "_compile_static", counting)
+    torch._dynamo.reset()
+    model, _ = joint_dit()
+    compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
+    with torch.no_grad():
+        for height in (14, 18, 14, 18, 10, 14):
+            _, kwargs = joint_dit(height=height)
+            torch.testing.assert_close(compiled(**kwargs), model(**kwargs), rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+    assert len(compiled_shapes) == 3, compiled_shapes  # one compile per distinct shape
