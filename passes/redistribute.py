@@ -35,8 +35,8 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
 class Redistributor:
     """Inserts the moves the emitted graph needs, reading the plan's placements of original nodes."""
 
-    def __init__(self, graph: fx.Graph, group: Group, env: dict, placements: dict, call: Callable[..., fx.Node]):
-        self.graph, self.group, self.env, self.placements, self.call = graph, group, env, placements, call
+    def __init__(self, group: Group, env: dict, placements: dict, call: Callable[..., fx.Node]):
+        self.group, self.env, self.placements, self.call = group, env, placements, call
         self.moved: dict[tuple[fx.Node, Placement], fx.Node] = {}
         self.full: dict[fx.Node, fx.Node] = {}  # values whose replicated original is at hand
 

@@ -55,7 +55,6 @@ class Site:
     local_query_len: int
     global_query_len: int
     placements: str
-    reason: str | None = None  # why a sharded attention runs replicated
 
 
 @dataclasses.dataclass
@@ -163,7 +162,7 @@ def _plan_attention(node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:
         sharded = any(isinstance(x, Shard) for x in (pq, pk, pv))
         reason = unsupported if unsupported and sharded else None
         if spec.kind == "seq":
-            p.sites[node] = Site("replicated", shape(q)[2], reason=reason, **site)
+            p.sites[node] = Site("replicated", shape(q)[2], **site)
         return replicated(Call(node), reason)
     out_pl = Shard(dim, pq.layout)
     out = [out_pl, out_pl] + [REPLICATE] * ((n_out or 2) - 2) if n_out else out_pl
@@ -230,7 +229,7 @@ class _Emitter:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.placements: dict[fx.Node, Placement | list] = {}  # of the emitted values, as far as built
-        self.moves = Redistributor(self.graph, spec.group, self.env, self.placements, self._call)
+        self.moves = Redistributor(spec.group, self.env, self.placements, self._call)
 
     def _call(self, fn, args, like: fx.Node, kwargs=None) -> fx.Node:
         new = self.graph.call_function(fn, args, kwargs or {})
