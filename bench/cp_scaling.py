@@ -87,7 +87,11 @@ class Job:
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             self.runs[key] = {"ms": round(slowest[0].item(), 3), "compile_s": round(slowest[1].item(), 2)}
             if self.args.profile and self.device.type == "cuda":
-                self.runs[key]["profile"] = harness.kernel_profile(step, inputs, self.device)
+                trace = None
+                if self.args.trace and self.rank == 0:
+                    os.makedirs(self.args.trace, exist_ok=True)
+                    trace = os.path.join(self.args.trace, key.replace("/", "_") + ".json.gz")
+                self.runs[key]["profile"] = harness.kernel_profile(step, inputs, self.device, trace=trace)
             if self.rank == 0:
                 print(f"[cp_scaling] world {self.world} {key}: {self.runs[key]['ms']:.2f} ms/step", flush=True)
         except Exception as error:  # one configuration failing must not lose the job
@@ -99,7 +103,7 @@ class Job:
             dist.barrier()
             self.save()  # after every run: a job cut short keeps what it measured
 
-    def para(self, model_name: str, ring: int, ulysses: int, fp8: bool, overlap: bool = True):
+    def para(self, model_name: str, ring: int, ulysses: int, fp8: bool, overlap: bool = True, mode: str | None = None):
         import para_fx
 
         model, inputs = build(model_name, self.args.tiny, self.device, self.args.text_len)
@@ -109,7 +113,7 @@ class Job:
         backend = para_fx.backend(mesh=mesh, compiler=self.args.compiler)
         # without para's comm/compute reordering: the "before" of the overlap comparison
         options = None if overlap else {"reorder_for_compute_comm_overlap": False}
-        compiled = torch.compile(model, backend=backend, options=options)
+        compiled = torch.compile(model, backend=backend, options=options, mode=mode)
         return (lambda kwargs: compiled(**kwargs)), inputs
 
     def paraattention(self, model_name: str, ring: int, ulysses: int):
@@ -127,10 +131,14 @@ class Job:
             for model_name in self.args.models:
                 for ring, ulysses in meshes(self.world):
                     name = mesh_name(ring, ulysses)
-                    self.measure(f"{model_name}/para/{name}", lambda: self.para(model_name, ring, ulysses, fp8=False))
+                    if self.args.para:
+                        self.measure(f"{model_name}/para/{name}", lambda: self.para(model_name, ring, ulysses, fp8=False))
                     if name in self.args.no_overlap and self.world > 1:
                         self.measure(f"{model_name}/para_no_overlap/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=False, overlap=False))
+                    if self.args.cudagraphs:
+                        self.measure(f"{model_name}/para_cudagraphs/{name}",
+                                     lambda: self.para(model_name, ring, ulysses, fp8=False, mode="reduce-overhead"))
                     if self.args.fp8:
                         self.measure(f"{model_name}/para_fp8/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=True))
@@ -206,6 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated meshes on which to also run para without its comm/compute "
                              "reordering (para_no_overlap rows): the before of the overlap comparison")
     parser.add_argument("--profile", action="store_true", help="a kernel profile of each run: NCCL time and exposed NCCL time")
+    parser.add_argument("--trace", default=None, help="with --profile: a folder for rank 0's Chrome traces (.json.gz)")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="also run para with mode='reduce-overhead' (CUDA graphs): para_cudagraphs rows")
+    parser.add_argument("--no-para", dest="para", action="store_false", help="skip the plain para rows")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)

@@ -224,33 +224,44 @@ def flops_per_call(fn: Callable[[], Any]) -> int:
 
 
 def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torch.device, calls: int = 2,
-                   top: int = 15) -> dict:
+                   top: int = 15, trace: str | None = None) -> dict:
     """Device kernels of ``calls`` calls (after the caller's warm-up): per-call totals, split into
-    matmul / attention / other, and the ``top`` kernels by time."""
+    matmul / attention / other, the ``top`` kernels by time, and the time no kernel runs at all
+    (the host not keeping up, or ranks waiting). ``trace``: a Chrome trace file to write."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with gpu_turn(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        synchronize(device)
+        begin = time.perf_counter()
         for i in range(calls):
             step(inputs[i % len(inputs)])
         synchronize(device)
+        wall_us = (time.perf_counter() - begin) * 1e6
+    if trace:
+        prof.export_chrome_trace(trace)
     by_name: dict[str, list[float]] = {}
     comm, compute = [], []
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            entry = by_name.setdefault(event.name, [0.0, 0])
-            entry[0] += event.device_time_total / 1e3 / calls
-            entry[1] += 1 / calls
-            span = (event.time_range.start, event.time_range.end)
-            (comm if "nccl" in event.name.lower() else compute).append(span)
-    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+        # c10d's "nccl:*" ranges are annotations on the device timeline, not kernels
+        if event.device_type != DeviceType.CUDA or event.is_user_annotation or event.name.startswith("nccl:"):
+            continue
+        entry = by_name.setdefault(event.name, [0.0, 0])
+        entry[0] += event.device_time_total / 1e3 / calls
+        entry[1] += 1 / calls
+        span = (event.time_range.start, event.time_range.end)
+        (comm if "nccl" in event.name.lower() else compute).append(span)
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "nccl": 0.0}
     for name, (ms, _) in by_name.items():
-        kinds[_kernel_kind(name)] += ms
+        kinds["nccl" if "nccl" in name.lower() else _kernel_kind(name)] += ms
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
     return {
+        "wall_ms_per_call": round(wall_us / 1e3 / calls, 3),
         "kernel_ms_per_call": round(sum(ms for ms, _ in by_name.values()), 3),
         "kernels_per_call": round(sum(count for _, count in by_name.values())),
         "ms_by_kind": {kind: round(ms, 3) for kind, ms in kinds.items()},
+        "compute_busy_ms_per_call": round(_covered_us(compute) / 1e3 / calls, 3),
+        "idle_ms_per_call": round((wall_us - _covered_us(comm + compute)) / 1e3 / calls, 3),
         "nccl_ms_per_call": round(_covered_us(comm) / 1e3 / calls, 3),
         "exposed_nccl_ms_per_call": round(_exposed_us(comm, compute) / 1e3 / calls, 3),
         "top": [{"kernel": name[:160], "ms": round(ms, 3), "count": round(count)} for name, (ms, count) in ranked[:top]],
