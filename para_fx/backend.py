@@ -23,6 +23,8 @@ from .cache import CachedGraph, FirstBlockCache
 from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .passes.cache import insert_first_block_cache
+from .passes.fuse_projections import FusedWeights, fuse_projections
+from .passes.schedule import overlap_collectives
 from .passes.shard import ShardSpec, shard
 from .passes.shard_rules import Group
 from .report import Report, collectives_of
@@ -42,6 +44,8 @@ class Options:
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
     check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
+    fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
+    schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
     static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -72,6 +76,8 @@ def backend(
     *,
     check_inputs: str | None = None,
     check_timeout: float = 600.0,
+    fuse_projections: bool = False,
+    schedule_collectives: bool = False,
 ) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
@@ -81,6 +87,13 @@ def backend(
     ("first" call of each graph and shape, "every" call, or "off"; default: the environment
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
     for each other (see :mod:`para_fx.agreement`).
+
+    Two experimental passes, off by default: on 2 H200s (FLUX, 1024 px) the pair cut matmul time by
+    a tenth but made the step slower, and they have not been measured apart yet (README, Benchmarks).
+    ``fuse_projections``: the projections that read one activation (queries, keys, values) as one
+    matmul, at the cost of one more copy of their weights (:mod:`para_fx.passes.fuse_projections`).
+    ``schedule_collectives``: work that no transfer needs moved behind each collective's start
+    (:mod:`para_fx.passes.schedule`).
     """
     check_mode(check_inputs)
     if compiler not in COMPILERS:
@@ -92,7 +105,10 @@ def backend(
     if cache is not None and not isinstance(cache, FirstBlockCache):
         raise TypeError(f"para_fx.backend: cache must be a para_fx.FirstBlockCache, got {type(cache).__name__}")
     return ParaBackend(
-        Options(mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout)
+        Options(
+            mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
+            fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
+        )
     )
 
 
@@ -179,6 +195,14 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
     flat_inputs = flatten_subclasses(example_inputs) if subclass_inputs else example_inputs
     graph = run_passes(graph, flat_inputs, options, report)
+    user_inputs = len(flat_inputs)
+    fused = None
+    groups = fuse_projections(graph, flat_inputs) if options.fuse_projections else []
+    if groups:
+        fused = FusedWeights(groups, flat_inputs)
+        flat_inputs = [*flat_inputs, *fused.tensors]
+        report.fused_projections = [len(g.weights) for g in groups]
+        report.add_graph("fuse_projections", graph)
     layout = None
     if options.cache is not None:
         graph, layout, flat_inputs = _cache_pass(graph, flat_inputs, options, report)
@@ -187,6 +211,8 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     for recorder in _RECORDERS:
         recorder.extend(report)
     compiled = _inner_compile(graph, flat_inputs, options)
+    if fused is not None:
+        compiled = fused.calling(compiled, user_inputs)
     if subclass_inputs:
         compiled = _FlattenSubclasses(compiled)
     if layout is not None:  # outside the flattening: the caller's parameters tell the model
@@ -219,6 +245,8 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
             spec = ShardSpec(kind, Group(parts, rank, group), info)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
             report.add_graph(f"shard_{kind}", graph)
+    if options.schedule_collectives and overlap_collectives(graph):
+        report.add_graph("schedule_collectives", graph)
     return graph
 
 

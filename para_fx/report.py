@@ -141,6 +141,7 @@ class Report:
     collectives: list[Collective] = dataclasses.field(default_factory=list)
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)  # pass name -> readable code
     notes: list[str] = dataclasses.field(default_factory=list)
+    fused_projections: list[int] = dataclasses.field(default_factory=list)  # matmuls in each fused group
     graph_count: int = 0  # graphs Dynamo handed to the backend: more than one means graph breaks
     blocks: list[str] = dataclasses.field(default_factory=list)  # transformer blocks found
     cache: Any = None  # the First Block Cache region (passes.cache.CacheRegion), None if not applied
@@ -177,7 +178,7 @@ class Report:
         self.collectives.extend(
             dataclasses.replace(c, site=None if c.site is None else c.site + offset) for c in other.collectives
         )
-        for field in ("attention_sites", "fallbacks", "notes", "compiled"):
+        for field in ("attention_sites", "fallbacks", "notes", "compiled", "fused_projections"):
             getattr(self, field).extend(getattr(other, field))
         self.blocks = self.blocks or other.blocks
         self.cache = self.cache or other.cache
@@ -382,6 +383,8 @@ class Report:
                 + (f" ({total / needed:.2f}x)" if needed else ""),
             ],
         ]
+        if self.fused_projections:
+            rows.append(["projections fused", f"{sum(self.fused_projections)} matmuls into {len(self.fused_projections)}"])
         single = sum(g.passes[0].flops for g in self.compiled if g.passes)
         local = sum(g.passes[-1].flops for g in self.compiled if g.passes)
         if single:
