@@ -110,7 +110,7 @@ class Job:
         if fp8:
             harness.quantize_fp8(model, self.args.fp8_granularity)
         mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses, device_type=self.device.type) if self.world > 1 else None
-        backend = para_fx.backend(mesh=mesh, compiler=self.args.compiler)
+        backend = para_fx.backend(mesh=mesh, compiler=self.args.compiler, **self.args.para_options)
         # without para's comm/compute reordering: the "before" of the overlap comparison
         options = None if overlap else {"reorder_for_compute_comm_overlap": False}
         compiled = torch.compile(model, backend=backend, options=options, mode=mode)
@@ -132,7 +132,8 @@ class Job:
                 for ring, ulysses in meshes(self.world):
                     name = mesh_name(ring, ulysses)
                     if self.args.para:
-                        self.measure(f"{model_name}/para/{name}", lambda: self.para(model_name, ring, ulysses, fp8=False))
+                        self.measure(f"{model_name}/{self.args.para_label}/{name}",
+                                     lambda: self.para(model_name, ring, ulysses, fp8=False))
                     if name in self.args.no_overlap and self.world > 1:
                         self.measure(f"{model_name}/para_no_overlap/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=False, overlap=False))
@@ -218,10 +219,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cudagraphs", action="store_true",
                         help="also run para with mode='reduce-overhead' (CUDA graphs): para_cudagraphs rows")
     parser.add_argument("--no-para", dest="para", action="store_false", help="skip the plain para rows")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="para with fuse_projections=True: rows labelled para+fuse_projections")
+    parser.add_argument("--schedule-collectives", action="store_true",
+                        help="para with schedule_collectives=True: rows labelled para+schedule_collectives")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.para_options = {name: True for name in ("fuse_projections", "schedule_collectives") if getattr(args, name)}
+    args.para_label = "+".join(["para", *args.para_options])
     args.meshes = [m.strip() for m in args.meshes.split(",") if m.strip()] if args.meshes else []
     args.no_overlap = [m.strip() for m in args.no_overlap.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
