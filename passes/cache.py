@@ -31,6 +31,7 @@ import torch.fx as fx
 from para_fx.report import Report, module_path
 
 from .blocks import Block, find_blocks
+from .shard_rules import family
 
 aten = torch.ops.aten
 
@@ -205,7 +206,8 @@ def _split(nodes: list[fx.Node], blocks: list[Block], compute_first: int, comput
     )
 
 
-_MOVES = {aten.slice.Tensor, aten.narrow.default, aten.cat.default, aten.view.default, aten.clone.default}
+# families (see shard_rules.family) of the ops that pass a value's pieces on and compute nothing
+_MOVES = ("slice", "join", "reshape", "copy")
 
 
 def _before_blocks(nodes: list[fx.Node], first: int, start: int) -> set[fx.Node]:
@@ -213,7 +215,7 @@ def _before_blocks(nodes: list[fx.Node], first: int, start: int) -> set[fx.Node]
     (the shard pass slices a replicated stream where its first block starts)."""
     found = set(nodes[:first])
     for node in nodes[first:start]:
-        if node.target in _MOVES and node.all_input_nodes and all(arg in found for arg in node.all_input_nodes):
+        if family(node.target) in _MOVES and node.all_input_nodes and all(arg in found for arg in node.all_input_nodes):
             found.add(node)
     return found
 

@@ -19,7 +19,7 @@ from para_fx import collectives
 from .shard_rules import Group, family, tensor_inputs, val
 
 # families whose ops are cheap enough to re-run on whole tensors instead of gathering their result
-_RECOMPUTABLE = ("pointwise", "view", "reshape", "slice")
+_RECOMPUTABLE = ("pointwise", "copy", "view", "reshape", "slice")
 
 
 def mark(node: fx.Node, **entries: object) -> None:
