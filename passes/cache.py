@@ -10,7 +10,7 @@ residual, or adds the residual stored from the last computed step. The last ``co
 blocks always run.
 
 The cache state is not held in the graph: it enters as extra inputs and leaves as extra
-outputs, so the runtime (:mod:`para_fx.cache`) owns it per call context, and under context
+outputs, so the runtime (:mod:`para_fx.runtime.cache`) owns it per call context, and under context
 parallelism each rank holds exactly its shard (the state has the activations' local shapes).
 
 The graph's extra inputs and outputs are written once, in :class:`CacheLayout`.
@@ -28,7 +28,7 @@ import torch.distributed._functional_collectives as funcol
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx as fx
 
-from para_fx.report import Report, module_path
+from para_fx.inspect.report import Report, module_path
 
 from .blocks import Block, find_blocks
 from .shard_rules import family

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from para_fx.placement import REPLICATE, Partial, Placement, Replicate, Shard
-from para_fx import collectives
+from para_fx.core.placement import REPLICATE, Partial, Placement, Replicate, Shard
+from para_fx.runtime import collectives
 
 from .shard_rules import Group, family, tensor_inputs, val
 

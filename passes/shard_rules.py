@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from para_fx.passes.dtensor_rules import dtensor_placements
-from para_fx.placement import (
+from para_fx.core.placement import (
     REPLICATE,
     Layout,
     Partial,

@@ -15,14 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_version_and_public_names():
     assert re.fullmatch(r"\d+\.\d+\.\d+", para_fx.__version__)
     assert all(hasattr(para_fx, name) for name in para_fx.__all__)
-    from para_fx.report import Report
+    from para_fx.inspect.report import Report
 
     assert para_fx.Report is Report
 
 
 def test_help_names_the_subpackages():
     text = pydoc.render_doc(para_fx)
-    for module in ("para_fx.adapters.diffusers", "para_fx.zoo", "para_fx.runner", "python -m para_fx explain"):
+    for module in (
+        "para_fx.core", "para_fx.passes", "para_fx.runtime", "para_fx.inspect", "para_fx.adapters.diffusers",
+        "para_fx.testing.zoo", "para_fx.runtime.runner", "python -m para_fx explain",
+    ):
         assert module in text, module
     assert "parallelize_pipe" in para_fx.adapters.__doc__
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .passes.cache import CacheLayout
+from ..passes.cache import CacheLayout
 
 
 @dataclasses.dataclass

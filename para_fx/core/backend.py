@@ -19,13 +19,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .agreement import check_mode, with_input_check
-from .cache import CachedGraph, FirstBlockCache
+from ..runtime.cache import CachedGraph, FirstBlockCache
 from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
-from .passes.cache import insert_first_block_cache
-from .passes.shard import ShardSpec, shard
-from .passes.shard_rules import Group
-from .report import Report, collectives_of
+from ..passes.cache import insert_first_block_cache
+from ..passes.shard import ShardSpec, shard
+from ..passes.shard_rules import Group
+from ..inspect.report import Report, collectives_of
 
 log = logging.getLogger("para_fx")
 
@@ -40,7 +40,7 @@ class Options:
     cache: FirstBlockCache | None = None
     compiler: str = "inductor"
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
-    check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.agreement); None: the environment's
+    check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.core.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
     static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -80,7 +80,7 @@ def backend(
     Python, for debugging and fast tests). ``check_inputs``: when ranks compare their inputs
     ("first" call of each graph and shape, "every" call, or "off"; default: the environment
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
-    for each other (see :mod:`para_fx.agreement`).
+    for each other (see :mod:`para_fx.core.agreement`).
     """
     check_mode(check_inputs)
     if compiler not in COMPILERS:
