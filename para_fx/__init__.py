@@ -23,11 +23,12 @@ Where things are:
 
 from .core.agreement import InputsDiffer, RanksOutOfStep
 from .core.backend import backend, register_para_backend
+from .core.cache import FirstBlockCache
 from .core.mesh import init_mesh
 from .inspect.explain import explain
 from .inspect.report import Report
 from .runtime.attention import context_parallel_attention
-from .runtime.cache import CacheStats, FirstBlockCache, cache_context, cache_session, cache_stats
+from .runtime.cache import CacheStats, cache_context, cache_session, cache_stats
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .agreement import check_mode, with_input_check
-from ..runtime.cache import CachedGraph, FirstBlockCache
+from .cache import FirstBlockCache
+from ..runtime.cache import CachedGraph
 from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from ..passes.cache import insert_first_block_cache

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         model, kwargs = made
         cache = None
         if args.cache is not None:
-            from ..runtime.cache import FirstBlockCache
+            from ..core.cache import FirstBlockCache
 
             cache = FirstBlockCache(threshold=args.cache)
         report = explain(
