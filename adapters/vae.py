@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..mesh import chunk_sizes
+from ..core.mesh import chunk_sizes
 from .vae_region import LOCAL, SPATIAL, Region, RegionMode, all_gather_rows, height_dim
 
 logger = logging.getLogger(__name__)

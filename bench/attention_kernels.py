@@ -1,6 +1,6 @@
 """The CUDA attention kernels context-parallel attention can call, checked and timed on one GPU.
 
-Every kernel that returns a log-sum-exp (para_fx.attention.LSE_KERNELS, and cuDNN with a mask as
+Every kernel that returns a log-sum-exp (para_fx.runtime.attention.LSE_KERNELS, and cuDNN with a mask as
 a candidate) against a float64 reference of output and log-sum-exp, on uneven lengths with and
 without key masks; then each one's time at the shapes FLUX at 1024 px runs per rank on 2 GPUs.
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from para_fx.attention import LSE_KERNELS, _aligned_bias, attention, lse_kernel
+from para_fx.runtime.attention import LSE_KERNELS, _aligned_bias, attention, lse_kernel
 
 CHECKS = [  # (batch, heads, query len, key len, head dim, masked)
     (1, 4, 37, 53, 64, False),

@@ -113,7 +113,7 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.latent, args.device, args.dtype)), flush=True)
         dist.destroy_process_group()
         return
-    from para_fx.launch import run_ranks
+    from para_fx.testing.launch import run_ranks
 
     for world in args.worlds:
         for record in run_ranks(measure, world, args.model, args.latent, "cpu", args.dtype, timeout=1800):

@@ -10,7 +10,7 @@ default 2 ranks split that batch (CFG parallelism, --max-batch 2) and the rest s
 import torch
 
 import common
-from para_fx.adapters import tiny_pipelines
+from para_fx.testing import tiny_pipelines
 
 
 def load(args, device):

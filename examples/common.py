@@ -28,7 +28,7 @@ from para_fx.adapters.diffusers import (
     parallelize_pipe,
     parallelize_vae,
 )
-from para_fx.launch import run_ranks
+from para_fx.testing.launch import run_ranks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx import zoo
-from para_fx.launch import run_ranks
+from para_fx.testing import zoo
+from para_fx.testing.launch import run_ranks
 
 
 def demo(ring: int) -> float:

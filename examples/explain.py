@@ -1,6 +1,6 @@
 # python examples/explain.py     (simulates 4 ranks in this process: no GPU, no launcher)
 import para_fx
-from para_fx import zoo
+from para_fx.testing import zoo
 
 model, inputs = zoo.flux()                         # a tiny random FLUX transformer: yours here
 report = para_fx.explain(model, kwargs=inputs, world_size=4, ulysses=2, ring=2,   # rank 0's view

@@ -10,7 +10,7 @@ sequence (Ulysses, then Ring past --max-ring). Rank 0 saves the image.
 import torch
 
 import common
-from para_fx.adapters import tiny_pipelines
+from para_fx.testing import tiny_pipelines
 
 
 def load(args, device):

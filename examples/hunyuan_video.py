@@ -10,7 +10,7 @@ the model (one transformer call per step), so every rank works on the video toke
 import torch
 
 import common
-from para_fx.adapters import tiny_pipelines
+from para_fx.testing import tiny_pipelines
 
 
 def load(args, device):

@@ -12,7 +12,7 @@ parallelize_pipe swaps in an equal masked attention (para_fx.adapters.diffusers.
 import torch
 
 import common
-from para_fx.adapters import tiny_pipelines
+from para_fx.testing import tiny_pipelines
 
 
 def load(args, device):

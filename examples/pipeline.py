@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 from diffusers import FluxPipeline
 
-from para_fx.adapters import tiny_pipelines
 from para_fx.adapters.diffusers import (apply_cache_on_pipe, init_context_parallel_mesh,
                                         last_cache_stats, parallelize_pipe, parallelize_vae)
+from para_fx.testing import tiny_pipelines
 
 dist.init_process_group()
 if "--tiny" in sys.argv:

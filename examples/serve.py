@@ -1,9 +1,9 @@
 # python examples/serve.py     (2 ranks kept running: one per GPU with NCCL, or gloo processes on CPU)
 import torch
 
-from para_fx.adapters import tiny_pipelines
 from para_fx.adapters.diffusers import parallelize_pipe
-from para_fx.runner import Runner
+from para_fx.runtime.runner import Runner
+from para_fx.testing import tiny_pipelines
 
 
 def setup(rank, world_size):                       # once per rank: load and compile

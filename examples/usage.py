@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx import zoo
+from para_fx.testing import zoo
 
 dist.init_process_group()                          # gloo on CPU; NCCL too when there are GPUs
 device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")

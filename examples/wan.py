@@ -11,7 +11,7 @@ on the sequence of both calls, and the cache keeps one state per call (the pipel
 import torch
 
 import common
-from para_fx.adapters import tiny_pipelines
+from para_fx.testing import tiny_pipelines
 
 
 def load(args, device):

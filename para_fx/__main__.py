@@ -1,5 +1,5 @@
-"""``python -m para_fx explain ...``: see :mod:`para_fx.cli`."""
+"""``python -m para_fx explain ...``: see :mod:`para_fx.inspect.cli`."""
 
-from .cli import main
+from .inspect.cli import main
 
 raise SystemExit(main())

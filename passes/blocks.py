@@ -14,7 +14,7 @@ import re
 
 import torch.fx as fx
 
-from para_fx.dump import module_path
+from para_fx.inspect.dump import module_path
 
 from .shard_rules import family
 

@@ -10,7 +10,7 @@ residual, or adds the residual stored from the last computed step. The last ``co
 blocks always run.
 
 The cache state is not held in the graph: it enters as extra inputs and leaves as extra
-outputs, so the runtime (:mod:`para_fx.cache`) owns it per call context, and under context
+outputs, so the runtime (:mod:`para_fx.runtime.cache`) owns it per call context, and under context
 parallelism each rank holds exactly its shard (the state has the activations' local shapes).
 
 The graph's extra inputs and outputs are written once, in :class:`CacheLayout`.
@@ -28,9 +28,10 @@ import torch.distributed._functional_collectives as funcol
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx as fx
 
-from para_fx.report import Report, module_path
+from para_fx.inspect.report import Report, module_path
 
 from .blocks import Block, find_blocks
+from .shard_rules import family
 
 aten = torch.ops.aten
 
@@ -205,7 +206,8 @@ def _split(nodes: list[fx.Node], blocks: list[Block], compute_first: int, comput
     )
 
 
-_MOVES = {aten.slice.Tensor, aten.narrow.default, aten.cat.default, aten.view.default, aten.clone.default}
+# families (see shard_rules.family) of the ops that pass a value's pieces on and compute nothing
+_MOVES = ("slice", "join", "reshape", "copy")
 
 
 def _before_blocks(nodes: list[fx.Node], first: int, start: int) -> set[fx.Node]:
@@ -213,7 +215,7 @@ def _before_blocks(nodes: list[fx.Node], first: int, start: int) -> set[fx.Node]
     (the shard pass slices a replicated stream where its first block starts)."""
     found = set(nodes[:first])
     for node in nodes[first:start]:
-        if node.target in _MOVES and node.all_input_nodes and all(arg in found for arg in node.all_input_nodes):
+        if family(node.target) in _MOVES and node.all_input_nodes and all(arg in found for arg in node.all_input_nodes):
             found.add(node)
     return found
 

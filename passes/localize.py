@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from para_fx.placement import Layout, Partial, Shard
+from para_fx.core.placement import Layout, Partial, Shard
 
 from .shard_rules import RESHAPES, Call, Decision, Group, reduced_dims, shape, slice_bounds
 

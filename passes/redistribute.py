@@ -13,13 +13,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from para_fx.placement import REPLICATE, Partial, Placement, Replicate, Shard
-from para_fx import collectives
+from para_fx.core.placement import REPLICATE, Partial, Placement, Replicate, Shard
+from para_fx.runtime import collectives
 
 from .shard_rules import Group, family, tensor_inputs, val
 
 # families whose ops are cheap enough to re-run on whole tensors instead of gathering their result
-_RECOMPUTABLE = ("pointwise", "view", "reshape", "slice")
+_RECOMPUTABLE = ("pointwise", "copy", "view", "reshape", "slice")
 
 
 def mark(node: fx.Node, **entries: object) -> None:

@@ -23,10 +23,10 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from para_fx.attention import sharded_attention
-from para_fx.mesh import MeshInfo
-from para_fx.placement import REPLICATE, Placement, Replicate, Shard, plain
-from para_fx.report import AttentionSite, Fallback, Report, module_path, source_line
+from para_fx.runtime.attention import sharded_attention
+from para_fx.core.mesh import MeshInfo
+from para_fx.core.placement import REPLICATE, Placement, Replicate, Shard, plain
+from para_fx.inspect.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .localize import localize
 from .redistribute import Redistributor, mark

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from para_fx.passes.dtensor_rules import dtensor_placements
-from para_fx.placement import (
+from para_fx.core.placement import (
     REPLICATE,
     Layout,
     Partial,
@@ -133,9 +133,10 @@ def rule(*targets: Any, family: str):
 
 
 def family(target: Any) -> str | None:
-    """What kind of op ``target`` is: "pointwise", "reshape" (views that may merge or split dims),
-    "view", "slice", "scatter", "split", "join", "pad", "matmul", "norm", "reduction", "index",
-    "conv", "collective" or "attention"; None for an op para has no rule for."""
+    """What kind of op ``target`` is: "pointwise", "copy" (the same values again: clone, alias,
+    detach), "reshape" (views that may merge or split dims), "view", "slice", "scatter", "split",
+    "join", "pad", "matmul", "norm", "reduction", "index", "conv", "collective" or "attention";
+    None for an op para has no rule for."""
     if target in FAMILIES:
         return FAMILIES[target]
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
@@ -178,9 +179,9 @@ def decide(node: fx.Node, pl: Mapping[fx.Node, Placement], g: Group) -> Decision
 # --- pointwise ---------------------------------------------------------------------------------
 
 
+@rule(aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default, family="copy")
 @rule(
-    aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.lift_fresh_copy.default,
+    aten._to_copy.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
     aten.copy.default, aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
     aten.full_like.default,
     family="pointwise",

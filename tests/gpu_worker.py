@@ -15,16 +15,14 @@ import sys
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import dits  # noqa: E402
 import para_fx  # noqa: E402
-from para_fx import zoo  # noqa: E402
 from para_fx.adapters.traceable import make_traceable  # noqa: E402
+from para_fx.testing import dits, zoo  # noqa: E402
 
 # Token counts that no world size divides evenly; HunyuanVideo and Mochi with padded text masks.
 MODELS = {

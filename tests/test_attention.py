@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import para_fx
-from para_fx.launch import run_ranks
+from para_fx.testing.launch import run_ranks
 
 # (query tokens, key/value tokens, heads, key mask, replicated key/value)
 CASES = [

@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx.launch import run_ranks
-from dits import joint_dit, patch_dit
+from para_fx.testing import dits
+from para_fx.testing.dits import joint_dit, patch_dit
+from para_fx.testing.launch import run_ranks
 
-TESTS = os.path.dirname(__file__)
+TESTING = os.path.dirname(dits.__file__)  # dits.py imports no para_fx: the script loads it as a plain module
 
 
 def test_backend_name_works_without_importing_para_fx():
@@ -30,7 +31,7 @@ def test_backend_name_works_without_importing_para_fx():
         print("loaded_after_compile", "para_fx" in sys.modules)  # through the entry point, not by us
         print("max_abs_error", (out - expected).abs().max().item())
         """
-        % TESTS
+        % TESTING
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,7 +135,7 @@ def test_a_shape_that_comes_back_is_not_compiled_again(monkeypatch):
     the first shape coming back reuses the static graph instead of compiling it again."""
     import importlib
 
-    backend_module = importlib.import_module("para_fx.backend")
+    backend_module = importlib.import_module("para_fx.core.backend")
     compiled_shapes = []
     compile_static = backend_module._compile_static
 

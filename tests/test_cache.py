@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dits
-from dits import first_tensor
 import para_fx
-from para_fx import zoo
-from para_fx.cache import runtime_of
-from para_fx.launch import run_ranks
+from para_fx.runtime.cache import runtime_of
+from para_fx.testing import dits, zoo
+from para_fx.testing.dits import first_tensor
+from para_fx.testing.launch import run_ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
 TIMESTEP_SCALES = (1.0, 0.99, 0.6, 0.595, 0.3, 0.298)  # small and large changes between steps

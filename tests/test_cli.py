@@ -1,6 +1,5 @@
 """``python -m para_fx explain``: a user's factory in a subprocess, a built-in example, bad arguments."""
 
-import os
 import re
 import subprocess
 import sys
@@ -8,16 +7,14 @@ import sys
 import pytest
 import torch
 
-from para_fx import zoo
-from para_fx.cli import main
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from para_fx.inspect.cli import main
+from para_fx.testing import dits, zoo
 
 
 def test_explain_factory_in_subprocess_writes_html(tmp_path):
     html = tmp_path / "report.html"
     result = subprocess.run(
-        [sys.executable, "-m", "para_fx", "explain", f"{TESTS}/dits.py:patch_dit",
+        [sys.executable, "-m", "para_fx", "explain", f"{dits.__file__}:patch_dit",
          "--world-size", "4", "--ulysses", "2", "--ring", "2", "--html", str(html)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
@@ -47,7 +44,7 @@ def test_explain_rejects_bad_targets(capsys):
         main(["explain"])  # neither a factory nor an example
     assert "MODULE:FACTORY or --example" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no function 'nothing'"):
-        main(["explain", f"{TESTS}/dits.py:nothing"])
+        main(["explain", f"{dits.__file__}:nothing"])
 
 
 def one_line_error(capsys, argv, usage):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx.launch import run_ranks
+from para_fx.testing.launch import run_ranks
 
 
 # --- eager context_parallel_attention returns finished tensors ------------------------------------
@@ -42,7 +42,7 @@ def test_eager_attention_returns_a_finished_tensor():
 
 def call_with(change, check_inputs="first", calls=(1, 1)):
     """Call a compiled plain DiT on two ranks, rank 1's inputs changed by ``change``; the error's text."""
-    import dits
+    from para_fx.testing import dits
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
@@ -93,7 +93,7 @@ def test_an_extra_call_on_one_rank_is_named_instead_of_hanging():
 
 
 def test_the_check_mode_comes_from_the_backend_or_the_environment(monkeypatch):
-    from para_fx.agreement import check_mode
+    from para_fx.core.agreement import check_mode
 
     monkeypatch.setenv("PARA_FX_CHECK_INPUTS", "every")
     assert (check_mode(None), check_mode("off")) == ("every", "off")

@@ -5,9 +5,9 @@ import torch
 import torch.fx as fx
 
 import para_fx
-from para_fx import zoo
-from para_fx.backend import recording
-from para_fx.explain import simulated_mesh
+from para_fx.testing import zoo
+from para_fx.core.backend import recording
+from para_fx.inspect.explain import simulated_mesh
 from para_fx.passes.fuse_projections import fuse_projections
 
 
@@ -24,7 +24,7 @@ class Projections(torch.nn.Module):
 
 
 def _captured(model, *inputs) -> tuple[fx.GraphModule, list]:
-    from para_fx.capture import capture_aten
+    from para_fx.core.capture import capture_aten
 
     captured = {}
 

@@ -6,7 +6,7 @@ import torch._inductor.comms as comms
 from torch._inductor import config
 
 import para_fx
-from para_fx.backend import OVERLAP_PASSES
+from para_fx.core.backend import OVERLAP_PASSES
 
 
 def compile_and_record(monkeypatch, **compile_kwargs):

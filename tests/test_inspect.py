@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dits
 import para_fx
-from para_fx.launch import run_ranks
-from para_fx.report import Report, format_bytes
+from para_fx.inspect.report import Report, format_bytes
+from para_fx.testing import dits
+from para_fx.testing.launch import run_ranks
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The diffusers adapters end to end: tiny real pipelines, on one process and on 2 gloo ranks.
 
 Every pipeline is built from the real diffusers classes with random tiny components
-(para_fx.adapters.tiny_pipelines) and given prompt embeddings directly. On 2 ranks each rank runs
+(para_fx.testing.tiny_pipelines) and given prompt embeddings directly. On 2 ranks each rank runs
 the whole pipeline; its decoded output must equal the single-process pipeline's (fp32,
 <= 1e-4), and with the First Block Cache the single-process cached pipeline's, with the same
 cache statistics on every rank.
@@ -14,8 +14,6 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx import zoo
-from para_fx.adapters import tiny_pipelines
 from para_fx.adapters.diffusers import (
     apply_cache_on_pipe,
     context_parallel_degrees,
@@ -25,7 +23,8 @@ from para_fx.adapters.diffusers import (
     parallelize_pipe,
     parallelize_vae,
 )
-from para_fx.launch import run_ranks
+from para_fx.testing import tiny_pipelines, zoo
+from para_fx.testing.launch import run_ranks
 
 TOLERANCE = 1e-4
 STEPS = 4

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from para_fx import collectives
+from para_fx.runtime import collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A Python warning attributed to a file of this repository: "/.../para_fx/cache.py:131: UserWarning: ..."
+# A Python warning attributed to a file of this repository: "/.../para_fx/runtime/cache.py:131: UserWarning: ..."
 OWN_WARNING = re.compile(r"/(para_fx|passes|adapters|examples)/[\w/]+\.py:\d+: \w*Warning")
 
 
@@ -38,7 +38,7 @@ def test_gather_warns_nothing_eagerly_or_traced():
 def test_the_backend_does_not_import_torchao():
     code = (
         "import sys, torch, para_fx\n"
-        "from dits import patch_dit\n"
+        "from para_fx.testing.dits import patch_dit\n"
         "model, kwargs = patch_dit()\n"
         "cache = para_fx.FirstBlockCache(0.08)\n"
         "with torch.no_grad():\n"
@@ -46,7 +46,7 @@ def test_the_backend_does_not_import_torchao():
         "    para_fx.explain(model, kwargs=kwargs, world_size=2)\n"
         "print('torchao imported' if 'torchao' in sys.modules else 'no torchao')\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])}
+    env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("no torchao"), result.stdout[-3000:]

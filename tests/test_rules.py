@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from para_fx.passes.localize import localize, partial_mean
 from para_fx.passes.shard_rules import Group, decide
-from para_fx.placement import (
+from para_fx.core.placement import (
     REPLICATE, Partial, Shard, factor_layout, global_size, local_ranges, local_size, normalize, plain, repeat, scale_units,
 )
 

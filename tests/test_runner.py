@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from para_fx.runner import RankDied, RequestFailed, Runner
+from para_fx.runtime.runner import RankDied, RequestFailed, Runner
 
 
 def setup(rank, world_size):

@@ -5,9 +5,9 @@ import torch
 import torch.fx as fx
 
 import para_fx
-from para_fx import zoo
-from para_fx.backend import recording
-from para_fx.explain import simulated_mesh
+from para_fx.testing import zoo
+from para_fx.core.backend import recording
+from para_fx.inspect.explain import simulated_mesh
 from para_fx.passes.schedule import WAIT, overlap_collectives
 
 aten = torch.ops.aten

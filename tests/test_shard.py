@@ -5,11 +5,10 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-import dits
-from dits import first_tensor
-from para_fx import zoo
 from para_fx.adapters.traceable import make_traceable
-from para_fx.launch import run_ranks
+from para_fx.testing import dits, zoo
+from para_fx.testing.dits import first_tensor
+from para_fx.testing.launch import run_ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
 

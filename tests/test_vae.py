@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from para_fx.launch import run_ranks
+from para_fx.testing.launch import run_ranks
 
 TOLERANCE = 1e-4
 

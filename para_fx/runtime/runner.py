@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .launch import RankFailed, free_port
+from ..testing.launch import RankFailed, free_port
 
 _SETUP = -1  # the request id of the setup step's replies
 _POLL_S = 0.5  # how often a waiting caller checks that every rank is alive

@@ -18,9 +18,9 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from . import dump
 from .html import render_report
-from .placement import PLACEMENT_LEGEND
-from .passes.blocks import find_blocks
-from .passes.shard_rules import family
+from ..core.placement import PLACEMENT_LEGEND
+from ..passes.blocks import find_blocks
+from ..passes.shard_rules import family
 from .dump import NodeRow, is_collective, module_path, source_line  # noqa: F401  (module_path, source_line: used by the passes)
 
 log = logging.getLogger("para_fx")

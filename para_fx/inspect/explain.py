@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .backend import backend, recording
-from .mesh import init_mesh, mesh_info
+from ..core.backend import backend, recording
+from ..core.mesh import init_mesh, mesh_info
 from .dump import value_text
 from .report import Report, RunContext
 
@@ -74,7 +74,7 @@ def _explain(model, args, kwargs, mesh, cache, simulated: bool = False) -> Repor
 
 
 def _context(model, args: tuple, kwargs: dict[str, Any], mesh: DeviceMesh | None, simulated: bool) -> RunContext:
-    from . import __version__  # the package imports this module first
+    from .. import __version__  # the package imports this module first
 
     info = mesh_info(mesh) if mesh is not None else None
     named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *kwargs.items()]

@@ -1,9 +1,9 @@
-"""First Block Cache: the user's settings, and the runtime state of every model that uses them.
+"""First Block Cache at step time: the state of every model that uses one set of settings.
 
 The graph (see :mod:`para_fx.passes.cache`) decides each step whether to skip, one decision
 agreed by every rank; this module says whether this rank *allows* skipping (warmup, the cap on
 consecutive skips, threshold 0), keeps the state of every model instance and call context
-between steps, and counts what happened.
+between steps, and counts what happened. The settings are :mod:`para_fx.core.cache`'s.
 
     cache = para_fx.FirstBlockCache(threshold=0.08)
     model = torch.compile(model, backend=para_fx.backend(cache=cache))
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .passes.cache import CacheLayout
+from ..core.cache import FirstBlockCache
+from ..passes.cache import CacheLayout
 
 
 @dataclasses.dataclass
@@ -56,82 +56,14 @@ class _ContextState:
     steps: int = 0
     consecutive_skips: int = 0
 
-
-@dataclasses.dataclass(eq=False)
-class FirstBlockCache:
-    """Skip the middle transformer blocks while the first blocks' residual barely changes.
-
-    ``threshold``: relative L1 change of the first blocks' residual below which a step is
-    skipped (0 never skips). ``warmup_steps``: steps always computed at the start of a session.
-    ``max_consecutive_skips``: None for no cap. ``compute_first`` / ``compute_last``: blocks
-    always computed at the start / end of the block stack.
-
-    Every assignment is checked, not only the constructor's: the runtime reads ``threshold``,
-    ``warmup_steps`` and ``max_consecutive_skips`` at each call, so they may be changed between
-    calls, while ``compute_first`` / ``compute_last`` are compiled into the graph and are fixed.
-    """
-
-    threshold: float = 0.08
-    warmup_steps: int = 0
-    max_consecutive_skips: int | None = None
-    compute_first: int = 1
-    compute_last: int = 0
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        check = _CHECKS.get(name)
-        if check is not None:
-            if name in _COMPILED and "_built" in self.__dict__:
-                raise AttributeError(
-                    f"FirstBlockCache: {name} is compiled into the graph; make a new FirstBlockCache "
-                    "(and compile again) to change it"
-                )
-            value = check(name, value)
-        object.__setattr__(self, name, value)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_built", True)
-
-    def may_skip(self, state: "_ContextState") -> bool:
-        """Whether this rank lets the graph skip the next step of ``state`` (the graph asks every rank)."""
+    def may_skip(self, cache: FirstBlockCache) -> bool:
+        """Whether this rank lets the graph skip this context's next step (the graph asks every rank)."""
         return (
-            state.prefix is not None
-            and state.steps >= self.warmup_steps
-            and self.threshold > 0
-            and (self.max_consecutive_skips is None or state.consecutive_skips < self.max_consecutive_skips)
+            self.prefix is not None
+            and self.steps >= cache.warmup_steps
+            and cache.threshold > 0
+            and (cache.max_consecutive_skips is None or self.consecutive_skips < cache.max_consecutive_skips)
         )
-
-
-def _threshold(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"FirstBlockCache: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not value >= 0:  # NaN too
-        raise ValueError(f"FirstBlockCache: {name} must be >= 0, got {value}")
-    return float(value)
-
-
-def _count(least: int, optional: bool = False) -> Callable[[str, Any], int | None]:
-    def check(name: str, value: Any) -> int | None:
-        if optional and value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            kind = "None or an int" if optional else "an int"
-            raise TypeError(f"FirstBlockCache: {name} must be {kind}, got {type(value).__name__} {value!r}")
-        if value < least:
-            why = " (its residual drives the decision)" if name == "compute_first" else ""
-            raise ValueError(f"FirstBlockCache: {name} must be >= {least}{why}, got {value}")
-        return value
-
-    return check
-
-
-_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "threshold": _threshold,
-    "warmup_steps": _count(0),
-    "max_consecutive_skips": _count(0, optional=True),
-    "compute_first": _count(1),
-    "compute_last": _count(0),
-}
-_COMPILED = ("compute_first", "compute_last")
 
 
 Owners = frozenset  # the ids of one model's parameters; None: every model using the cache
@@ -232,7 +164,7 @@ class CachedGraph:
         state = runtime.state(owner, id(self))
         prefix = state.prefix or [spec.zeros() for spec in layout.prefix_state]
         region = state.region or [spec.zeros() for spec in layout.region_state]
-        flags = self._flags(cache.may_skip(state), cache.threshold)
+        flags = self._flags(state.may_skip(cache), cache.threshold)
         with torch.no_grad():  # inference only: the stored residuals must not keep an autograd graph alive
             step = layout.split(self.compiled(*layout.inputs(args, prefix, region, *flags)))
         skipped = bool(step.skipped)

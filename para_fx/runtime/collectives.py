@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from .placement import Layout, local_ranges, local_size
+from ..core.placement import Layout, local_ranges, local_size
 
 
 def take_local(x: torch.Tensor, dim: int, layout: Layout, parts: int, rank: int) -> torch.Tensor:

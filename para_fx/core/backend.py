@@ -19,15 +19,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .agreement import check_mode, with_input_check
-from .cache import CachedGraph, FirstBlockCache
+from .cache import FirstBlockCache
+from ..runtime.cache import CachedGraph
 from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
-from .passes.cache import insert_first_block_cache
-from .passes.fuse_projections import FusedWeights, fuse_projections
-from .passes.schedule import overlap_collectives
-from .passes.shard import ShardSpec, shard
-from .passes.shard_rules import Group
-from .report import Report, collectives_of
+from ..passes.cache import insert_first_block_cache
+from ..passes.fuse_projections import FusedWeights, fuse_projections
+from ..passes.schedule import overlap_collectives
+from ..passes.shard import ShardSpec, shard
+from ..passes.shard_rules import Group
+from ..inspect.report import Report, collectives_of
 
 log = logging.getLogger("para_fx")
 
@@ -42,7 +43,7 @@ class Options:
     cache: FirstBlockCache | None = None
     compiler: str = "inductor"
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
-    check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.agreement); None: the environment's
+    check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.core.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
@@ -86,7 +87,7 @@ def backend(
     Python, for debugging and fast tests). ``check_inputs``: when ranks compare their inputs
     ("first" call of each graph and shape, "every" call, or "off"; default: the environment
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
-    for each other (see :mod:`para_fx.agreement`).
+    for each other (see :mod:`para_fx.core.agreement`).
 
     Two experimental passes, off by default: on 2 H200s (FLUX, 1024 px) the pair cut matmul time by
     a tenth but made the step slower, and they have not been measured apart yet (README, Benchmarks).

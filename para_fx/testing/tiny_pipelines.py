@@ -1,7 +1,7 @@
 """Tiny, randomly initialised diffusers pipelines, runnable on CPU without downloading anything.
 
 Each builder returns ``(pipe, call_kwargs)``: a real diffusers pipeline (FLUX, HunyuanVideo,
-Mochi, CogVideoX, Wan) made of the transformers of :mod:`para_fx.zoo`, a tiny VAE of the real
+Mochi, CogVideoX, Wan) made of the transformers of :mod:`para_fx.testing.zoo`, a tiny VAE of the real
 class and a real scheduler, with no text encoder or tokenizer: ``call_kwargs`` pass the prompt
 embeddings (random, with the widths the transformer expects) directly, plus small output sizes
 and a few steps. ``pipe(**call_kwargs, generator=...)`` runs end to end in seconds. Components
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import zoo
+from . import zoo
 
 TEXT_LEN = 7
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from .mesh import MeshInfo, traceable_mesh_info
-from .placement import Layout, local_ranges, local_size, plain
+from ..core.mesh import MeshInfo, traceable_mesh_info
+from ..core.placement import Layout, local_ranges, local_size, plain
 
 aten = torch.ops.aten
 
@@ -139,7 +139,7 @@ def sharded_attention(
     """Ulysses over the "ulysses" dim, then Ring over the "ring" dim.
 
     ``q_layout``/``kv_layout`` say which global tokens each sequence rank holds (see
-    :mod:`para_fx.placement`); they are static, so every transport size is known. ``bias`` is a
+    :mod:`para_fx.core.placement`); they are static, so every transport size is known. ``bias`` is a
     replicated additive mask ``[B|1, 1, 1|S_q, S_kv]`` in global token order.
     """
     heads = q.shape[1]

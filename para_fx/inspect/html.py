@@ -1,4 +1,4 @@
-"""A :class:`~para_fx.report.Report` as one self-contained HTML page (no scripts, no external assets).
+"""A :class:`~para_fx.inspect.report.Report` as one self-contained HTML page (no scripts, no external assets).
 
 The page opens with what was explained (model, mesh, inputs, versions) and the verdict, then the
 report's tables, then every compiled graph pass by pass: one line per node,
@@ -12,7 +12,7 @@ import html
 from typing import TYPE_CHECKING
 
 from .dump import NodeRow
-from .placement import PLACEMENT_LEGEND
+from ..core.placement import PLACEMENT_LEGEND
 
 if TYPE_CHECKING:
     from .report import Report  # the report renders itself with this module

@@ -5,7 +5,7 @@
 
 ``FACTORY`` (a function in ``MODULE``, an importable module or a ``.py`` file) takes no arguments
 and returns ``(model, kwargs)`` for ``model(**kwargs)``; ``--example`` picks one of the tiny
-random diffusers transformers of :mod:`para_fx.zoo`. The mesh is simulated in this process
+random diffusers transformers of :mod:`para_fx.testing.zoo`. The mesh is simulated in this process
 (:func:`para_fx.explain` with ``world_size``), so no GPU or launcher is needed.
 
 Errors are one line, and are found before the model is built where the arguments alone show them
@@ -22,9 +22,9 @@ import pathlib
 import sys
 from typing import Any, Callable
 
-from . import zoo
+from ..testing import zoo
 from .explain import explain
-from .mesh import mesh_degrees
+from ..core.mesh import mesh_degrees
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         model, kwargs = made
         cache = None
         if args.cache is not None:
-            from .cache import FirstBlockCache
+            from ..core.cache import FirstBlockCache
 
             cache = FirstBlockCache(threshold=args.cache)
         report = explain(

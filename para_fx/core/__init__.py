@@ -1,0 +1,1 @@
+"""Compiling: capture, placements, the mesh, the ranks' agreement, and the backend that runs the passes."""
