@@ -201,11 +201,6 @@ def _target(obj: Any) -> tuple[FirstBlockCache, Owners | None]:
     )
 
 
-def cache_of(obj: Any) -> FirstBlockCache:
-    """The FirstBlockCache behind a compiled model, a para backend, or the cache itself."""
-    return _target(obj)[0]
-
-
 @contextlib.contextmanager
 def cache_session(model: Any) -> Iterator[FirstBlockCache]:
     """One generation of ``model``: fresh state on entry; :func:`cache_stats` reports it after exit.

@@ -22,6 +22,7 @@ import atexit
 import itertools
 import os
 import queue
+import socket
 import time
 import traceback
 from multiprocessing.reduction import ForkingPickler
@@ -31,12 +32,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..testing.launch import RankFailed, free_port
 
 _SETUP = -1  # the request id of the setup step's replies
 _POLL_S = 0.5  # how often a waiting caller checks that every rank is alive
 _STUCK_GRACE_S = 3.0  # after a rank failed, how long the others may take to answer before they are respawned
 _CLOSE_GRACE_S = 10.0  # how long ranks may take to exit when asked, before they are killed
+
+
+class RankFailed(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RequestFailed(RankFailed):

@@ -11,7 +11,6 @@ import datetime
 import io
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -19,15 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-class RankFailed(RuntimeError):
-    """A rank raised; the message holds its traceback."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..runtime.runner import RankFailed, free_port
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
