@@ -1,13 +1,15 @@
 """Fuse the linear projections that read the same activation into one matmul.
 
-A DiT block projects one normalised activation several times: queries, keys and values (and in
-FLUX's single-stream blocks the MLP input too). Each is a matmul with few output columns, and
-once context parallelism has cut the rows in half, each is too small to fill the GPU. One matmul
-against the concatenated weights computes the same numbers in one wider, faster kernel.
+A DiT block projects one normalised activation several times: queries, keys and values. Each is
+a matmul with few output columns, and once context parallelism has cut the rows in half, each is
+too small to fill the GPU. One matmul against the concatenated weights computes the same numbers
+in one wider, faster kernel.
 
 The pass groups ``addmm``/``mm`` nodes whose first operand is the same activation (through the
-same view) and whose weights and biases are graph inputs; each group becomes one matmul whose
-output is split back into the original columns. The concatenated weights become new graph
+same view), whose weights and biases are graph inputs, and whose outputs reach the same attention
+first; each group becomes one matmul whose output is split back into the original columns. A
+projection of the same activation that no attention of the block needs (FLUX's MLP input) stays
+apart: it is the work that runs while the attention's transfer is in flight. The concatenated weights become new graph
 inputs, built once by :class:`FusedWeights` from the model's parameters and rebuilt whenever a
 parameter changes (a version counter or a new tensor), so a graph never runs with stale weights.
 They cost memory: one more copy of the fused weights.
@@ -21,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+
+from .shard_rules import family
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -41,11 +45,12 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     position = {node: i for i, node in enumerate(placeholders)}
     candidates: dict[tuple, list[tuple[fx.Node, int, int | None]]] = {}
+    nearest = _nearest_attention(gm.graph)
     for node in gm.graph.nodes:
         found = _projection(node, position, example_inputs)
         if found is not None:
             activation, weight, bias = found
-            key = (activation, bias is not None, example_inputs[weight].dtype)
+            key = (activation, nearest[node], bias is not None, example_inputs[weight].dtype)
             candidates.setdefault(key, []).append((node, weight, bias))
     groups = []
     last = placeholders[-1]
@@ -65,6 +70,18 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
         gm.graph.lint()
         gm.recompile()
     return groups
+
+
+def _nearest_attention(graph: fx.Graph) -> dict[fx.Node, int]:
+    """For every node, the graph position of the first attention op its output reaches (-1: none)."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    nearest: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        reached = [position[u] if family(u.target) == "attention" else nearest[u] for u in node.users]
+        reached = [p for p in reached if p >= 0]
+        nearest[node] = min(reached) if reached else -1
+    return nearest
 
 
 def _input_after(graph: fx.Graph, last: fx.Node, name: str, parts: list[torch.Tensor], fake_mode) -> fx.Node:
