@@ -172,10 +172,14 @@ def _plan_attention(node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:
             inputs[mask] = pq if shape(mask)[0] == shape(q)[0] else REPLICATE
         return Decision(inputs, out)
     local_len = spec.group.local(pq.layout)
-    if isinstance(pk, Shard) and pk.dim == 2 and pv == pk:
+    sharded_kv = isinstance(pk, Shard) and pk.dim == 2 and pv == pk
+    if sharded_kv or a["is_causal"]:
+        # a causal mask is by global positions, which only the context-parallel attention knows:
+        # replicated keys/values are sliced (free) rather than attended locally
         info = spec.info
         strategy = "ulysses" if info.ring == 1 else "ring" if info.ulysses == 1 else "hybrid"
-        inputs = {q: pq, k: pk, v: pk}
+        kv_pl = pk if sharded_kv else Shard(2, plain(shape(k)[2]))
+        inputs = {q: pq, k: kv_pl, v: kv_pl}
         if mask is not None:
             inputs[mask] = REPLICATE
     else:  # key/value replicated (cross-attention to text): local attention, no communication
@@ -188,10 +192,10 @@ def _plan_attention(node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:
 
 
 def unsupported_attention(node: fx.Node, a: dict) -> str | None:
-    if a.get("dropout_p", 0.0) or a.get("is_causal", False):
-        return "causal or dropout attention is not context-parallel"
-    if a.get("enable_gqa", False) or shape(a["key"])[1] != shape(a["query"])[1]:
-        return "grouped-query attention is not context-parallel"
+    """Why an attention cannot be split, or None. Causal and grouped-query attention can be (see
+    :func:`para_fx.runtime.attention.sharded_attention`)."""
+    if a.get("dropout_p", 0.0):
+        return "dropout attention is not context-parallel"
     mask = a["mask"]
     if mask is not None and (len(shape(mask)) != 4 or shape(mask)[1] not in (1, shape(a["query"])[1])):
         return f"attention mask of shape {shape(mask)} is not supported"
@@ -286,7 +290,7 @@ class _Emitter:
             tuple(args),
             node,
             dict(info=dataclasses.astuple(self.spec.info), q_layout=d.inputs[q].layout, kv_layout=d.inputs[k].layout,
-                 scale=scale),
+                 scale=scale, causal=a["is_causal"]),
         )
         mark(out, para_site=self.site_index[node])
         out = self.moves.restride(out, node, node)
@@ -296,9 +300,11 @@ class _Emitter:
         self.placements[node] = d.out
 
 
-def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale):
+def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal):
     """The graph's call into :func:`sharded_attention` (mesh info travels as a plain tuple)."""
-    return sharded_attention(q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale)
+    return sharded_attention(
+        q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale, causal=causal
+    )
 
 
 def _as_tuple(out, n):

@@ -61,19 +61,20 @@ def cumsum_model():
     return CumsumModel().eval(), {"x": torch.randn(1, 15, 32)}
 
 
-class CausalBlock(CumsumBlock):
-    """Causal self-attention: context parallelism does not split it, so its q/k/v are gathered."""
+class LogSumExpBlock(CumsumBlock):
+    """Attention whose log-sum-exp is read: context parallelism does not split it, so its q/k/v are gathered."""
 
     def forward(self, x):
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        return x + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)  # CAUSAL_LINE
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)  # LSE_LINE
+        return x + out.transpose(1, 2).reshape(B, S, D) * lse.mean()
 
 
-def causal_model():
+def log_sum_exp_model():
     torch.manual_seed(0)
     model = CumsumModel()
-    model.blocks = nn.ModuleList([CausalBlock(), CausalBlock()])
+    model.blocks = nn.ModuleList([LogSumExpBlock(), LogSumExpBlock()])
     return model.eval(), {"x": torch.randn(1, 15, 32)}
 
 
@@ -172,17 +173,17 @@ def test_verdict_names_each_cause_once_with_its_line_and_what_to_do():
 
 
 def test_attention_that_runs_whole_is_flagged_and_the_flops_caveat_given():
-    model, kwargs = causal_model()
+    model, kwargs = log_sum_exp_model()
     report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
     assert report.verdict()[0] == "parallel: no, none of the 2 attention sites splits the tokens: every rank computes every attention whole"
     (cause,) = report.causes()
-    assert "causal or dropout attention is not context-parallel" in cause.what and "CAUSAL_LINE" in cause.source
-    assert "non-causal" in cause.advice
+    assert "the attention's log-sum-exp is used" in cause.what and "LSE_LINE" in cause.source
+    assert "log-sum-exp" in cause.advice
     sites = next(t for t in report.tables() if t.title.startswith("attention sites"))
     assert sites.title == "attention sites (2, 0 split over the ranks)"
     for row in sites.rows:
         assert row[1] == "replicated" and "S(2)" in row[3]
-        assert row[5] == "q/k/v gathered: causal or dropout attention is not context-parallel"
+        assert row[5] == "q/k/v gathered: the attention's log-sum-exp is used"
     summary = dict(report.summary())
     assert summary["FLOPs sharded (estimate)"].endswith("(matmuls only: no attention is split)")
 

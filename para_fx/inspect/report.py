@@ -112,8 +112,7 @@ class Cause:
 
 # What each fallback reason asks of the model's author; the first key found in the reason wins.
 _ADVICE = {
-    "causal or dropout": "context parallelism splits non-causal attention without dropout (call the model in eval mode)",
-    "grouped-query": "repeat the key/value heads to the query's count before the attention (repeat_interleave on dim 1)",
+    "dropout": "context parallelism splits attention without dropout (call the model in eval mode)",
     "attention mask": "pass a boolean key mask that broadcasts as [B, 1 or H, 1 or S_q, S_kv]",
     "log-sum-exp": "only the attention's output can be split; code reading its log-sum-exp runs on full tensors",
     "view": "a reshape that splits the sequence into factors (height x width) the ranks' chunks do not follow; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -135,12 +136,17 @@ def sharded_attention(
     kv_layout: Layout,
     bias: torch.Tensor | None,
     scale: float,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Ulysses over the "ulysses" dim, then Ring over the "ring" dim.
 
     ``q_layout``/``kv_layout`` say which global tokens each sequence rank holds (see
     :mod:`para_fx.core.placement`); they are static, so every transport size is known. ``bias`` is a
-    replicated additive mask ``[B|1, 1, 1|S_q, S_kv]`` in global token order.
+    replicated additive mask ``[B|1, 1, 1|S_q, S_kv]`` in global token order. ``causal``: the query
+    at global position i sees the keys at global positions <= i (SDPA's ``is_causal``). Key/value
+    may have fewer heads than the query (grouped-query attention, query head h using key/value head
+    ``h // (H / H_kv)``): Ulysses gives each rank the key/value heads its query heads use, and Ring
+    passes those on.
     """
     heads = q.shape[1]
     n, u = info.seq, info.ulysses
@@ -153,21 +159,71 @@ def sharded_attention(
     mine = group_ranks[info.ring_rank]
     if u > 1:
         q = _sequence_to_heads(q, [q_lens[r] for r in mine], info)
-        kv = _sequence_to_heads(kv, [kv_lens[r] for r in mine], info)
+        kv = _sequence_to_heads(_kv_heads_per_query_split(kv, heads, u), [kv_lens[r] for r in mine], info)
+    # the global positions of this ring group's queries and of each ring group's keys, in local order
+    q_ranges = [rg for r in mine for rg in local_ranges(q_layout, n, r)]
+    kv_ranges = [[rg for r in ranks for rg in local_ranges(kv_layout, n, r)] for ranks in group_ranks]
     if bias is not None:
         if bias.shape[1] > 1 and u > 1:  # a per-head mask: keep the heads this rank attends with
             per_rank = -(-heads // u)
             bias = _pad_dim(bias, 1, per_rank * u).narrow(1, info.ulysses_rank * per_rank, per_rank)
         if bias.shape[2] > 1:  # a per-query mask: keep the rows of this ring group's queries
-            bias = _take(bias, 2, [rg for r in mine for rg in local_ranges(q_layout, n, r)])
-        blocks = [_take(bias, 3, [rg for r in ranks for rg in local_ranges(kv_layout, n, r)]) for ranks in group_ranks]
+            bias = _take(bias, 2, q_ranges)
+        blocks = [BlockMask(_take(bias, 3, ranges)) for ranges in kv_ranges]
     else:
-        blocks = [None] * info.ring
+        blocks = [BlockMask() for _ in group_ranks]
+    if causal:
+        blocks = [_causal_block(block, q_ranges, ranges, q) for block, ranges in zip(blocks, kv_ranges)]
     ring_kv_lens = [sum(kv_lens[r] for r in ranks) for ranks in group_ranks]
     out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale)
     if u > 1:
         out = _heads_to_sequence(out, [q_lens[r] for r in mine], heads, info)
     return out
+
+
+class BlockMask(NamedTuple):
+    """How this rank's queries attend to one ring block of keys: skipped, or with an additive
+    ``bias`` and/or the kernel's own causal mask (used only where local and global order agree)."""
+
+    bias: torch.Tensor | None = None
+    causal: bool = False
+    skip: bool = False
+
+
+def _causal_block(block: BlockMask, q_ranges: list[tuple[int, int]], kv_ranges: list[tuple[int, int]], like: torch.Tensor) -> BlockMask:
+    """``block`` restricted to keys at global positions <= each query's: a block wholly in the
+    queries' future is skipped, one wholly in their past is unmasked, the diagonal block is masked
+    by the kernel where queries and keys are the same increasing positions, by a bias otherwise."""
+    if not q_ranges or not kv_ranges:  # no query or no key here: nothing is computed
+        return block
+    first_query, last_query = min(start for start, _ in q_ranges), max(start + length - 1 for start, length in q_ranges)
+    first_key, last_key = min(start for start, _ in kv_ranges), max(start + length - 1 for start, length in kv_ranges)
+    if first_key > last_query:
+        return BlockMask(skip=True)
+    if last_key <= first_query:
+        return block
+    if block.bias is None and q_ranges == kv_ranges and _increasing(q_ranges):
+        return BlockMask(causal=True)
+    seen = _positions(kv_ranges, like.device)[None, :] <= _positions(q_ranges, like.device)[:, None]
+    bias = torch.zeros(seen.shape, dtype=like.dtype, device=like.device).masked_fill(~seen, float("-inf"))
+    return BlockMask(bias[None, None] if block.bias is None else block.bias + bias)
+
+
+def _increasing(ranges: list[tuple[int, int]]) -> bool:
+    return all(start >= prev_start + prev_length for (prev_start, prev_length), (start, _) in zip(ranges, ranges[1:]))
+
+
+def _positions(ranges: list[tuple[int, int]], device) -> torch.Tensor:
+    return torch.cat([torch.arange(start, start + length, device=device) for start, length in ranges])
+
+
+def _kv_heads_per_query_split(kv: torch.Tensor, heads: int, u: int) -> torch.Tensor:
+    """Key/value heads ``[2, B, H_kv, L, D]`` repeated so that Ulysses' split of them in ``u`` gives each
+    rank the heads its ``ceil(H / u)`` query heads use, in grouped-query order. Query heads are split in
+    aligned runs of ``gcd(ceil(H / u), H / H_kv)``, each within one group; one key/value head per run."""
+    group = heads // kv.shape[2]
+    run = math.gcd(-(-heads // u), group)
+    return kv.repeat_interleave(group // run, dim=2) if group > run else kv
 
 
 def _take(x: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
@@ -220,11 +276,13 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
-def _ring_attention(q, kv, info: MeshInfo, lens: list[int], bias_blocks: list, scale: float):
+def _ring_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMask], scale: float):
     """Attend to every ring group's key/value block, passing blocks on while the current one computes."""
     r = info.ring
     if r == 1:  # one block: no log-sum-exp to merge, so SDPA's own choice of kernel
-        return attention(q, kv[0], kv[1], bias_blocks[0], scale) if q.shape[-2] and lens[0] else torch.zeros_like(q)
+        if not (q.shape[-2] and lens[0]) or masks[0].skip:
+            return torch.zeros_like(q)
+        return attention(q, kv[0], kv[1], masks[0].bias, scale, masks[0].causal)
     kv = _pad_dim(kv, -2, max(lens))  # every rank passes blocks of one size on
     if q.shape[-2] == 0:  # this rank holds no query token (fewer tokens than ranks); kernels reject empty queries
         lens = [0] * r
@@ -233,9 +291,10 @@ def _ring_attention(q, kv, info: MeshInfo, lens: list[int], bias_blocks: list, s
         source = (info.ring_rank - step) % r
         if step + 1 < r:
             next_kv = _pass_to_next(kv, info)
-        if lens[source]:
+        if lens[source] and not masks[source].skip:
             block = kv[..., : lens[source], :]
-            block_out, block_lse = attention_with_lse(q, block[0], block[1], bias_blocks[source], scale)
+            mask = masks[source]
+            block_out, block_lse = attention_with_lse(q, block[0], block[1], mask.bias, scale, mask.causal)
             out, lse = _merge(out, lse, block_out, block_lse)
         if step + 1 < r:
             kv = next_kv
@@ -266,25 +325,35 @@ def _merge(out, lse, block_out, block_lse):
     return out, new_lse
 
 
-def attention(q, k, v, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention(q, k, v, bias: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
     """SDPA of one whole block: the front door picks the fastest kernel for the device and aligns
-    the mask. Rows whose keys are all masked give 0, as in :func:`attention_with_lse`."""
+    the mask. Rows whose keys are all masked give 0, as in :func:`attention_with_lse`. Key/value
+    may have fewer heads than the query (grouped-query)."""
     if bias is not None:
         bias = bias.to(q.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
     if bias is not None:
         out = out.masked_fill(~(bias > float("-inf")).any(-1, keepdim=True), 0.0)
     return out
 
 
-def attention_with_lse(q, k, v, bias: torch.Tensor | None, scale: float):
-    """``(out, lse)`` of SDPA, lse as fp32 ``[B, H, L]``; rows whose keys are all masked get lse = -inf, out = 0."""
+def attention_with_lse(q, k, v, bias: torch.Tensor | None, scale: float, causal: bool = False):
+    """``(out, lse)`` of SDPA, lse as fp32 ``[B, H, L]``; rows whose keys are all masked get lse = -inf, out = 0.
+
+    ``causal`` is the kernel's own mask (key j <= query i, by local index); callers use it only for
+    square blocks, where every kernel's convention agrees. Key/value may have fewer heads than the
+    query: the CPU kernel takes them as they are; on CUDA they are repeated to the query's count,
+    as not every kernel that returns a log-sum-exp takes grouped heads."""
     if bias is not None:
         bias = bias.to(q.dtype)
     if q.device.type == "cuda":
-        out, lse = _cuda_attention_with_lse(q, k, v, bias, scale)
+        if k.shape[1] != q.shape[1]:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        out, lse = _cuda_attention_with_lse(q, k, v, bias, scale, causal)
     else:
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
     lse = lse.float()
     if bias is not None:  # kernels disagree on fully masked rows: make them contribute nothing
         attended = (bias > float("-inf")).any(-1)  # [B|1, 1, 1|L]
@@ -305,31 +374,31 @@ def lse_kernel(dtype: torch.dtype, head_dim: int, masked: bool, capability: tupl
     return "efficient"
 
 
-def _cuda_attention_with_lse(q, k, v, bias, scale):
+def _cuda_attention_with_lse(q, k, v, bias, scale, causal):
     kernel = lse_kernel(
         q.dtype, q.shape[-1], bias is not None, torch.cuda.get_device_capability(q.device),
         torch.backends.cuda.cudnn_sdp_enabled(),
     )
-    return LSE_KERNELS[kernel](q, k, v, bias, scale)
+    return LSE_KERNELS[kernel](q, k, v, bias, scale, causal)
 
 
-def _cudnn_with_lse(q, k, v, bias, scale):
-    out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)[:2]
+def _cudnn_with_lse(q, k, v, bias, scale, causal=False):
+    out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False, scale=scale)[:2]
     return out, lse.reshape(q.shape[:3])  # cuDNN's log-sum-exp is [B, H, L, 1]
 
 
-def _flash_with_lse(q, k, v, bias, scale):
-    return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+def _flash_with_lse(q, k, v, bias, scale, causal=False):
+    return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
 
 
-def _efficient_with_lse(q, k, v, bias, scale):
+def _efficient_with_lse(q, k, v, bias, scale, causal=False):
     if bias is not None:
         bias = _aligned_bias(bias).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)[:2]
     return out, lse[..., : q.shape[2]]
 
 
-# (q, k, v, bias or None, scale) -> (out, lse [B, H, L]); lse_kernel picks one
+# (q, k, v, bias or None, scale, causal) -> (out, lse [B, H, L]); lse_kernel picks one
 LSE_KERNELS = {"cudnn": _cudnn_with_lse, "flash": _flash_with_lse, "efficient": _efficient_with_lse}
 
 
