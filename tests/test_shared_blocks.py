@@ -76,3 +76,14 @@ def test_ulysses_collectives_inside_shared_blocks():
         assert len(calls) == 4 and len(set(calls.values())) == 3, notes
         assert collectives and "all_to_all" not in outside_blocks  # the attention's all-to-alls are in the blocks
         torch.testing.assert_close(shared, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_not_applied_with_the_first_block_cache_and_said_so():
+    model, inputs = patch_dit(depth=4)
+    torch._dynamo.reset()
+    backend = para_fx.backend(cache=para_fx.FirstBlockCache(0.08), compiler="eager", shared_blocks=True)
+    with torch.no_grad(), recording() as report:
+        out = torch.compile(model, backend=backend)(**inputs)
+        torch.testing.assert_close(out, model(**inputs), rtol=1e-5, atol=1e-5)
+    assert report.cache is not None and not report.shared_blocks
+    assert "shared blocks: not applied with the first block cache (blocks inside its cond)" in report.notes
