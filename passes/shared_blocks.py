@@ -1,8 +1,8 @@
 """Shared blocks: each transformer block becomes a call of one subgraph per distinct block.
 
 Inductor lowers and generates code for the graph behind each ``invoke_subgraph`` identifier
-once, so a stack of N identical blocks costs one block's compile instead of N (FLUX: 57 blocks,
-two kinds). Runs on the final aten graph, just before the inner compile: the collectives the
+once, so a stack of N identical blocks costs one block's compile instead of N (FLUX's 57 blocks
+make four subgraphs: README, Design). Runs on the final aten graph, just before the inner compile: the collectives the
 shard passes put inside a block go into its subgraph.
 
 Blocks come from :func:`passes.blocks.find_blocks` (module paths). A block is outlined as the
