@@ -26,6 +26,7 @@ from .mesh import init_mesh, mesh_info
 from ..passes.cache import insert_first_block_cache
 from ..passes.fuse_projections import FusedWeights, fuse_projections
 from ..passes.schedule import overlap_collectives
+from ..passes.shared_blocks import share_blocks
 from ..passes.shard import ShardSpec, shard
 from ..passes.shard_rules import Group
 from ..inspect.report import Report, collectives_of
@@ -47,6 +48,7 @@ class Options:
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
+    shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
     static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -79,6 +81,7 @@ def backend(
     check_timeout: float = 600.0,
     fuse_projections: bool = False,
     schedule_collectives: bool = False,
+    shared_blocks: bool = False,
 ) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
@@ -95,6 +98,11 @@ def backend(
     matmul, at the cost of one more copy of their weights (:mod:`para_fx.passes.fuse_projections`).
     ``schedule_collectives``: work that no transfer needs moved behind each collective's start
     (:mod:`para_fx.passes.schedule`).
+
+    ``shared_blocks`` (experimental, off until a GPU run measures it): each transformer block
+    becomes a call of one ``invoke_subgraph`` per distinct block, so Inductor compiles FLUX's 57
+    blocks as two (:mod:`para_fx.passes.shared_blocks`). Not applied together with ``cache`` yet:
+    the cached blocks sit inside the ``torch.cond``.
     """
     check_mode(check_inputs)
     if compiler not in COMPILERS:
@@ -109,6 +117,7 @@ def backend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
             fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
+            shared_blocks=shared_blocks,
         )
     )
 
@@ -207,7 +216,9 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     layout = None
     if options.cache is not None:
         graph, layout, flat_inputs = _cache_pass(graph, flat_inputs, options, report)
-    report.collectives.extend(collectives_of(graph))
+    report.collectives.extend(collectives_of(graph))  # before sharing: a shared subgraph is listed once
+    if options.shared_blocks:
+        _shared_blocks_pass(graph, report, cached=layout is not None)
     report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
@@ -266,6 +277,15 @@ def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Optio
     graph = capture_aten(graph, inputs, functional=False)
     report.add_graph("cache", graph)
     return graph, layout, inputs
+
+
+def _shared_blocks_pass(graph: fx.GraphModule, report: Report, cached: bool) -> None:
+    """Each transformer block as a call of its shared subgraph; skipped with the cache for now
+    (the cached blocks sit inside the cond's branches, which this pass does not enter)."""
+    if cached:
+        report.notes.append("shared blocks: not applied with the first block cache (blocks inside its cond)")
+    elif share_blocks(graph, report):
+        report.add_graph("shared_blocks", graph)
 
 
 _RECORDERS: list[Report] = []

@@ -141,6 +141,7 @@ class Report:
     graphs: dict[str, str] = dataclasses.field(default_factory=dict)  # pass name -> readable code
     notes: list[str] = dataclasses.field(default_factory=list)
     fused_projections: list[int] = dataclasses.field(default_factory=list)  # matmuls in each fused group
+    shared_blocks: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> its shared subgraph's identifier
     graph_count: int = 0  # graphs Dynamo handed to the backend: more than one means graph breaks
     blocks: list[str] = dataclasses.field(default_factory=list)  # transformer blocks found
     cache: Any = None  # the First Block Cache region (passes.cache.CacheRegion), None if not applied
@@ -181,6 +182,7 @@ class Report:
             getattr(self, field).extend(getattr(other, field))
         self.blocks = self.blocks or other.blocks
         self.cache = self.cache or other.cache
+        self.shared_blocks.update(other.shared_blocks)
         self.world_size = max(self.world_size, other.world_size)
         prefix = f"graph{self.graph_count}_" if self.graph_count else ""
         self.graphs.update({prefix + k: v for k, v in other.graphs.items()})
@@ -384,6 +386,9 @@ class Report:
         ]
         if self.fused_projections:
             rows.append(["projections fused", f"{sum(self.fused_projections)} matmuls into {len(self.fused_projections)}"])
+        if self.shared_blocks:
+            distinct = len(set(self.shared_blocks.values()))
+            rows.append(["blocks shared", f"{len(self.shared_blocks)} blocks as calls of {distinct} distinct subgraphs"])
         single = sum(g.passes[0].flops for g in self.compiled if g.passes)
         local = sum(g.passes[-1].flops for g in self.compiled if g.passes)
         if single:
