@@ -47,6 +47,7 @@ def run(args, cwd, timeout=300):
     return process.returncode, stdout, stderr
 
 
+@pytest.mark.scripts
 @pytest.mark.parametrize("name", list(CASES))
 def test_example_runs_on_two_ranks_and_saves(name, tmp_path):
     flags, filename, (kind, expected) = CASES[name]

@@ -53,6 +53,7 @@ RUNS = {
 }
 
 
+@pytest.mark.scripts
 @pytest.mark.parametrize("name", list(RUNS))
 def test_example_runs_as_written(name, tmp_path):
     command, patterns = RUNS[name]
