@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx.launch import run_ranks
+import ranks
 from dits import joint_dit, patch_dit
 
 TESTS = os.path.dirname(__file__)
 
 
+@pytest.mark.scripts
 def test_backend_name_works_without_importing_para_fx():
     script = textwrap.dedent(
         """
@@ -116,8 +117,12 @@ def mesh_shapes_and_errors():
     return shapes, errors
 
 
+ranks.add(4, "backend init_mesh shapes and errors", mesh_shapes_and_errors)
+
+
+@pytest.mark.ranks
 def test_init_mesh_shapes_and_errors():
-    shapes, errors = run_ranks(mesh_shapes_and_errors, 4)[0]
+    shapes, errors = ranks.result(4, "backend init_mesh shapes and errors")[0]
     assert shapes == {
         "{}": (1, 1, 4),
         "{'ring': 2}": (1, 2, 2),
