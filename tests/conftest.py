@@ -17,6 +17,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=tier)  # stable: file order within a tier
 
 
+def pytest_collection_finish(session):
+    """Start the world-2 ranks now: they run on the core that the in-process tier leaves idle."""
+    if any(item.get_closest_marker("ranks") for item in session.items):
+        import ranks
+
+        ranks.start(2)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The spawns' slowest cases: --durations charges a whole spawn to the test that started it."""
     import ranks
