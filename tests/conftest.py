@@ -2,4 +2,39 @@ import os
 import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(TESTS))  # tests import the examples (examples.digits) from the repository root
+sys.path.insert(0, TESTS)  # tests import the shared rank spawns (tests/ranks.py)
+sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits) from the repository root
+
+# Tiers, in the order they run: the in-process tests (rules, goldens, structure on simulated meshes),
+# then the numeric tier on spawned gloo ranks (marked "ranks"), then the examples and the README
+# run as scripts (marked "scripts").
+LATER_TIERS = ("ranks", "scripts")
+
+
+def pytest_collection_modifyitems(items):
+    """The fast in-process tier first, so that a broken rule fails in seconds, not after the spawns."""
+    tier = lambda item: next((i + 1 for i, name in enumerate(LATER_TIERS) if item.get_closest_marker(name)), 0)
+    items.sort(key=tier)  # stable: file order within a tier
+
+
+def pytest_collection_finish(session):
+    """Start the world-2 ranks now: they run on the core that the in-process tier leaves idle."""
+    if any(item.get_closest_marker("ranks") for item in session.items):
+        import ranks
+
+        ranks.start(2)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The spawns' slowest cases: --durations charges a whole spawn to the test that started it."""
+    import ranks
+
+    if ranks.SECONDS:
+        terminalreporter.section("slowest cases on spawned ranks (rank 0: wall, CPU)")
+        for world in sorted({world for world, _ in ranks.SECONDS}):
+            times = [seconds for (w, _), seconds in ranks.SECONDS.items() if w == world]
+            wall, cpu = sum(t[0] for t in times), sum(t[1] for t in times)
+            terminalreporter.write_line(f"{wall:7.2f}s {cpu:7.2f}s  world {world}: {len(times)} cases")
+        slowest = sorted(ranks.SECONDS.items(), key=lambda item: -item[1][0])[:15]
+        for (world, name), (wall, cpu) in slowest:
+            terminalreporter.write_line(f"{wall:7.2f}s {cpu:7.2f}s  world {world}  {name}")

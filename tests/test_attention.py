@@ -1,4 +1,5 @@
-"""context_parallel_attention on every 2- and 4-rank mesh, against full SDPA on one process."""
+"""context_parallel_attention on every 2-, 3- and 4-rank mesh, against full SDPA on one process
+(each mesh a case of the one spawn per world size of tests/ranks.py)."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import para_fx
-from para_fx.testing.launch import run_ranks
+import ranks
 
 # (query tokens, key/value tokens, heads, key mask, replicated key/value)
 CASES = [
@@ -69,13 +70,19 @@ def attention_errors(mesh_shape, cases, compiler=None):
     return errors
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_mesh_matches_full_sdpa(world):
-    for mesh_shape in MESHES[world]:
-        per_rank = run_ranks(attention_errors, world, mesh_shape, CASES)
-        for rank, errors in enumerate(per_rank):
-            for case, err in zip(CASES, errors):
-                assert err <= 1e-5, f"mesh {mesh_shape} rank {rank} case {case}: max abs error {err}"
+MESH_CASES = [(world, mesh_shape) for world, shapes in MESHES.items() for mesh_shape in shapes]
+for _world, _mesh_shape in MESH_CASES:
+    ranks.add(_world, f"attention {'x'.join(map(str, _mesh_shape))}", attention_errors, _mesh_shape, CASES)
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("world, mesh_shape", MESH_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_every_mesh_matches_full_sdpa(world, mesh_shape):
+    per_rank = ranks.result(world, f"attention {'x'.join(map(str, mesh_shape))}")
+    for rank, errors in enumerate(per_rank):
+        assert len(errors) == len(CASES)
+        for case, err in zip(CASES, errors):
+            assert err <= 1e-5, f"mesh {mesh_shape} rank {rank} case {case}: max abs error {err}"
 
 
 def explicit_lengths_and_scale():
@@ -89,8 +96,12 @@ def explicit_lengths_and_scale():
     return (out - torch.tensor_split(reference(q, k, v, None, scale=0.3), 2, 2)[rank]).abs().max().item()
 
 
+ranks.add(2, "attention explicit lengths and scale", explicit_lengths_and_scale)
+
+
+@pytest.mark.ranks
 def test_explicit_lengths_and_scale():
-    assert max(run_ranks(explicit_lengths_and_scale, 2)) <= 1e-5
+    assert max(ranks.result(2, "attention explicit lengths and scale")) <= 1e-5
 
 
 def wrong_chunk_raises():
@@ -101,14 +112,22 @@ def wrong_chunk_raises():
     return True
 
 
+ranks.add(2, "attention wrong chunk length", wrong_chunk_raises)
+
+
+@pytest.mark.ranks
 def test_wrong_chunk_length_is_an_error():
-    assert all(run_ranks(wrong_chunk_raises, 2))
+    assert ranks.result(2, "attention wrong chunk length") == [True, True]
 
 
+INDUCTOR_CASES = [(37, 53, 3, True, False), (37, 53, 3, False, True)]
+ranks.add(4, "attention 1x2x2 inductor", attention_errors, (1, 2, 2), INDUCTOR_CASES, "inductor")
+
+
+@pytest.mark.ranks
 def test_inductor_fullgraph_hybrid_mesh():
-    cases = [(37, 53, 3, True, False), (37, 53, 3, False, True)]
-    for rank, errors in enumerate(run_ranks(attention_errors, 4, (1, 2, 2), cases, "inductor")):
-        assert max(errors) <= 1e-5, f"rank {rank}: {errors}"
+    for rank, errors in enumerate(ranks.result(4, "attention 1x2x2 inductor")):
+        assert len(errors) == 2 and max(errors) <= 1e-5, f"rank {rank}: {errors}"
 
 
 def test_no_mesh_is_plain_sdpa():

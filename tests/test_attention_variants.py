@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import para_fx
+import ranks
 from para_fx.core.mesh import mesh_info
 from para_fx.core.placement import local_ranges, plain
 from para_fx.runtime.attention import sharded_attention
-from para_fx.testing.launch import run_ranks
 
 TOKENS = 13  # not divisible by 2 or 4: uneven chunks
 
@@ -173,9 +173,14 @@ def every_case(world):
     return kernels, model_errors(MESHES[world], list(MODELS))
 
 
+for _world in (2, 4):
+    ranks.add(_world, "grouped-query and causal attention", every_case, _world)
+
+
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", [2, 4])
 def test_grouped_query_and_causal_match_one_process(world):
-    per_rank = run_ranks(every_case, world, world, timeout=900)
+    per_rank = ranks.result(world, "grouped-query and causal attention")
     check_each([{(mesh, case): e for mesh, cases in kernels.items() for case, e in cases.items()} for kernels, _ in per_rank])
     check_each([models for _, models in per_rank])
     for mesh_shape in MESHES[world]:

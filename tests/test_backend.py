@@ -7,16 +7,16 @@ import textwrap
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import para_fx
 from para_fx.testing import dits
 from para_fx.testing.dits import joint_dit, patch_dit
-from para_fx.testing.launch import run_ranks
+import ranks
 
 TESTING = os.path.dirname(dits.__file__)  # dits.py imports no para_fx: the script loads it as a plain module
 
 
+@pytest.mark.scripts
 def test_backend_name_works_without_importing_para_fx():
     script = textwrap.dedent(
         """
@@ -117,8 +117,12 @@ def mesh_shapes_and_errors():
     return shapes, errors
 
 
+ranks.add(4, "backend init_mesh shapes and errors", mesh_shapes_and_errors)
+
+
+@pytest.mark.ranks
 def test_init_mesh_shapes_and_errors():
-    shapes, errors = run_ranks(mesh_shapes_and_errors, 4)[0]
+    shapes, errors = ranks.result(4, "backend init_mesh shapes and errors")[0]
     assert shapes == {
         "{}": (1, 1, 4),
         "{'ring': 2}": (1, 2, 2),

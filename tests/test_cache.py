@@ -1,6 +1,7 @@
 """First Block Cache: one graph with a torch.cond, the skip rules, and the same decisions on every rank."""
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import para_fx
 from para_fx.runtime.cache import runtime_of
 from para_fx.testing import dits, zoo
 from para_fx.testing.dits import first_tensor
-from para_fx.testing.launch import run_ranks
+import ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
 TIMESTEP_SCALES = (1.0, 0.99, 0.6, 0.595, 0.3, 0.298)  # small and large changes between steps
@@ -121,9 +122,18 @@ def test_a_skipped_step_adds_the_stored_residual_to_the_first_block_output():
     ],
 )
 def test_warmup_and_consecutive_skip_cap(settings, pattern):
+    """The step-by-step sequence, not only the counts: CCSSS and CSSCS skip as many steps."""
     model, kwargs = dits.patch_dit()
-    _, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=1e9, **settings), 5)
-    assert (stats.computed, stats.skipped) == (pattern.count("C"), pattern.count("S"))
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9, **settings))
+    seen = ""
+    with para_fx.cache_session(fn), torch.no_grad():
+        for step in range(5):
+            before = para_fx.cache_stats(fn).skipped if step else 0  # the running count inside the session
+            fn(**at_step(kwargs, step))
+            seen += "S" if para_fx.cache_stats(fn).skipped > before else "C"
+    stats = para_fx.cache_stats(fn)
+    assert seen == pattern
+    assert (stats.steps, stats.computed, stats.skipped) == (5, pattern.count("C"), pattern.count("S"))
     assert len(stats.diffs) == 4
 
 
@@ -238,6 +248,7 @@ def threshold_between_steps(diffs):
     return (low * high) ** 0.5
 
 
+@functools.cache
 def reference_runs():
     """Single process: per model, the threshold that skips some steps, the outputs and the stats."""
     runs = {}
@@ -251,33 +262,35 @@ def reference_runs():
     return runs
 
 
-def ranks_cached(mesh_shape, thresholds):
-    torch.set_num_threads(1)
+def thresholds():
+    return {name: threshold for name, (threshold, _, _) in reference_runs().items()}
+
+
+def ranks_cached(mesh_shape, name, thresholds):
+    """On one rank: the model's cached trajectory on the mesh, at the single-process run's threshold."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
-    results = {}
-    for name, threshold in thresholds.items():
-        model, kwargs = FACTORIES[name](batch=2)
-        outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=threshold), STEPS, mesh)
-        results[name] = (outs, stats, dist.get_rank())
-    return results
+    model, kwargs = FACTORIES[name](batch=2)
+    outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=thresholds[name]), STEPS, mesh)
+    return outs, stats, dist.get_rank()
 
 
-@pytest.fixture(scope="module")
-def references():
-    return reference_runs()
+SAME_BRANCH = [(mesh_shape, name) for mesh_shape in [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)] for name in MODELS]
+for _mesh_shape, _name in SAME_BRANCH:
+    _world = _mesh_shape[0] * _mesh_shape[1] * _mesh_shape[2]
+    ranks.add(_world, f"cache {'x'.join(map(str, _mesh_shape))} {_name}", ranks_cached, _mesh_shape, _name, prepared=thresholds)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
-def test_ranks_take_the_same_branch_as_one_process(references, mesh_shape):
+@pytest.mark.ranks
+@pytest.mark.parametrize("mesh_shape, name", SAME_BRANCH, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_ranks_take_the_same_branch_as_one_process(mesh_shape, name):
     world = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
-    thresholds = {name: threshold for name, (threshold, _, _) in references.items()}
-    per_rank = run_ranks(ranks_cached, world, mesh_shape, thresholds, timeout=600)
-    for name, (_, expected, expected_stats) in references.items():
-        for results in per_rank:
-            outs, stats, rank = results[name]
-            assert (stats.computed, stats.skipped) == (expected_stats.computed, expected_stats.skipped), (name, rank)
-            for out, ref in zip(outs, expected):
-                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")
+    _, expected, expected_stats = reference_runs()[name]
+    for outs, stats, rank in ranks.result(world, f"cache {'x'.join(map(str, mesh_shape))} {name}"):
+        assert (stats.computed, stats.skipped) == (expected_stats.computed, expected_stats.skipped), (name, rank)
+        assert stats.diffs == pytest.approx(expected_stats.diffs, rel=1e-3), (name, rank)
+        assert len(outs) == STEPS
+        for out, ref in zip(outs, expected):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{name} rank {rank}")
 
 
 # --- quality on a trained model ------------------------------------------------------------------
@@ -297,7 +310,6 @@ def test_trade_off_on_the_trained_digits_dit():
 
 def ranks_with_different_host_state():
     """Rank 1 never allows a skip (threshold 0, then a fresh session mid-way); rank 0 always would."""
-    torch.set_num_threads(1)
     rank = dist.get_rank()
     model, kwargs = dits.patch_dit(depth=3)
     cache = para_fx.FirstBlockCache(threshold=0.0 if rank == 1 else 1e9)
@@ -315,10 +327,14 @@ def ranks_with_different_host_state():
     return outs, pattern
 
 
+ranks.add(2, "cache host state differs", ranks_with_different_host_state)
+
+
+@pytest.mark.ranks
 def test_ranks_whose_host_state_differs_take_one_branch_and_never_hang():
     model, kwargs = dits.patch_dit(depth=3)
     expected = trajectory(compiled(model), kwargs, 4)
-    per_rank = run_ranks(ranks_with_different_host_state, 2, timeout=120)
+    per_rank = ranks.result(2, "cache host state differs")
     for outs, pattern in per_rank:
         assert pattern == "CCCS"  # the only step both ranks may skip: the last
         for out, ref in zip(outs[:3], expected[:3]):
@@ -328,7 +344,6 @@ def test_ranks_whose_host_state_differs_take_one_branch_and_never_hang():
 
 def two_models_one_backend(world):
     """Two instances of one architecture (one Dynamo graph: weights are inputs), one cache."""
-    torch.set_num_threads(1)
     mesh = para_fx.init_mesh() if world > 1 else None
     (model_a, kwargs), (model_b, _) = dits.patch_dit(seed=0, depth=3), dits.patch_dit(seed=1, depth=3)
     backend = para_fx.backend(mesh=mesh, cache=para_fx.FirstBlockCache(threshold=1e9), compiler="eager")
@@ -345,9 +360,12 @@ def two_models_one_backend(world):
     return b_first, b_second, eager_b, para_fx.cache_stats(a), para_fx.cache_stats(b)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+ranks.add(2, "cache two models", two_models_one_backend, 2)
+
+
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.ranks)])
 def test_two_models_of_one_architecture_keep_their_own_state(world):
-    results = run_ranks(two_models_one_backend, world, world, timeout=120) if world > 1 else [two_models_one_backend(1)]
+    results = ranks.result(2, "cache two models") if world > 1 else [two_models_one_backend(1)]
     for b_first, b_second, eager_b, stats_a, stats_b in results:
         torch.testing.assert_close(b_first, eager_b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(b_second, eager_b, rtol=1e-4, atol=1e-4)  # same input: the skip adds b's residual

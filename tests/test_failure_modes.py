@@ -1,6 +1,6 @@
 """What para-fx checks so that ranks never hang and never agree on a wrong answer silently
-(the README's "Failure modes"): each case runs on real ranks and must end in a result or a
-clear error, never in a hang."""
+(the README's "Failure modes"): each case runs on real ranks (a case of the world-2 spawn of
+tests/ranks.py) and must end in a result or a clear error, never in a hang."""
 
 import io
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import para_fx
-from para_fx.testing.launch import run_ranks
+import ranks
 
 
 # --- eager context_parallel_attention returns finished tensors ------------------------------------
@@ -17,7 +17,6 @@ from para_fx.testing.launch import run_ranks
 
 def eager_attention_saved():
     """Each rank's eager output as torch.save writes it, and as plain math sees it."""
-    torch.set_num_threads(1)
     mesh = para_fx.init_mesh()
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
@@ -31,8 +30,12 @@ def eager_attention_saved():
     return type(out).__name__, (saved - expected).abs().max().item()
 
 
+ranks.add(2, "failure eager attention saved", eager_attention_saved)
+
+
+@pytest.mark.ranks
 def test_eager_attention_returns_a_finished_tensor():
-    for kind, error in run_ranks(eager_attention_saved, 2, timeout=120):
+    for kind, error in ranks.result(2, "failure eager attention saved"):
         assert kind == "Tensor"
         assert error <= 1e-5
 
@@ -44,7 +47,6 @@ def call_with(change, check_inputs="first", calls=(1, 1)):
     """Call a compiled plain DiT on two ranks, rank 1's inputs changed by ``change``; the error's text."""
     from para_fx.testing import dits
 
-    torch.set_num_threads(1)
     rank = dist.get_rank()
     model, kwargs = dits.patch_dit(depth=2)
     if rank == 1:
@@ -72,20 +74,28 @@ def third_sample(kwargs):
     return {name: torch.cat([value, value[:1]]) for name, value in kwargs.items()}
 
 
+ranks.add(2, "failure other timestep", call_with, other_timestep)
+ranks.add(2, "failure third sample", call_with, third_sample)
+ranks.add(2, "failure extra call", call_with, same, "every", (3, 2))
+
+
+@pytest.mark.ranks
 def test_ranks_given_different_values_name_the_input():
-    for kind, message in run_ranks(call_with, 2, other_timestep, timeout=120):
+    for kind, message in ranks.result(2, "failure other timestep"):
         assert kind == "InputsDiffer"
         assert "different input 'timestep':" in message and "rank 1: float32[2] sum=" in message
 
 
+@pytest.mark.ranks
 def test_ranks_given_different_shapes_name_the_input_instead_of_aborting():
-    for kind, message in run_ranks(call_with, 2, third_sample, timeout=120):
+    for kind, message in ranks.result(2, "failure third sample"):
         assert kind == "InputsDiffer"
         assert "input 'x' (and timestep, pooled)" in message and "rank 1: float32[3, 4, 14, 10]" in message
 
 
+@pytest.mark.ranks
 def test_an_extra_call_on_one_rank_is_named_instead_of_hanging():
-    rank0, rank1 = run_ranks(call_with, 2, same, "every", (3, 2), timeout=120)
+    rank0, rank1 = ranks.result(2, "failure extra call")
     assert rank1 is None
     kind, message = rank0
     assert kind == "RanksOutOfStep"
@@ -106,7 +116,6 @@ def test_the_check_mode_comes_from_the_backend_or_the_environment(monkeypatch):
 
 def compiled_attention_lengths(pass_lengths):
     """Max error of a compiled call per (query, key) length pair, one after another."""
-    torch.set_num_threads(1)
     mesh = para_fx.init_mesh()
     rank = dist.get_rank()
     torch._dynamo.reset()
@@ -123,7 +132,13 @@ def compiled_attention_lengths(pass_lengths):
     return errors
 
 
+ranks.add(2, "failure compiled attention lengths given", compiled_attention_lengths, True)
+ranks.add(2, "failure compiled attention lengths exchanged", compiled_attention_lengths, False)
+
+
+@pytest.mark.ranks
 @pytest.mark.parametrize("pass_lengths", [True, False], ids=["lengths", "exchanged"])
 def test_compiled_attention_takes_a_second_sequence_length(pass_lengths):
-    for errors in run_ranks(compiled_attention_lengths, 2, pass_lengths, timeout=120):
-        assert max(errors) <= 1e-5, errors
+    case = "given" if pass_lengths else "exchanged"
+    for errors in ranks.result(2, f"failure compiled attention lengths {case}"):
+        assert len(errors) == 3 and max(errors) <= 1e-5, errors

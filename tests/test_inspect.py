@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import para_fx
 from para_fx.inspect.report import Report, format_bytes
 from para_fx.testing import dits
-from para_fx.testing.launch import run_ranks
+import ranks
 
 
 @pytest.fixture(autouse=True)
@@ -263,11 +263,16 @@ def real_mesh_report():
     return str(report), nodes(report, "shard_seq")
 
 
+ranks.add(4, "inspect real mesh report", real_mesh_report)
+
+
+@pytest.mark.ranks
 def test_simulated_mesh_matches_four_real_ranks():
+    """What makes the in-process structure tests trustworthy: the simulated rank 0 reports what a real one does."""
     model, kwargs = tiny_dit()
     simulated = para_fx.explain(model, kwargs=kwargs, world_size=4, ulysses=2, ring=2)
     assert not torch.distributed.is_initialized()  # the fake process group was torn down
-    text, graph = run_ranks(real_mesh_report, 4, timeout=300)[0]
+    text, graph = ranks.result(4, "inspect real mesh report")[0]
     assert str(simulated) == text.replace("ulysses 2);", "ulysses 2, simulated);", 1)  # the one difference
     assert "hybrid" in text
     assert nodes(simulated, "shard_seq") == graph

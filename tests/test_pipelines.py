@@ -4,7 +4,8 @@ Every pipeline is built from the real diffusers classes with random tiny compone
 (para_fx.testing.tiny_pipelines) and given prompt embeddings directly. On 2 ranks each rank runs
 the whole pipeline; its decoded output must equal the single-process pipeline's (fp32,
 <= 1e-4), and with the First Block Cache the single-process cached pipeline's, with the same
-cache statistics on every rank.
+cache statistics on every rank. The five pipelines are cases of the one world-2 spawn of
+tests/ranks.py; Mochi's attention structure is read in-process on a simulated mesh.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ from para_fx.adapters.diffusers import (
     parallelize_vae,
 )
 from para_fx.testing import tiny_pipelines, zoo
-from para_fx.testing.launch import run_ranks
+import ranks
 
 TOLERANCE = 1e-4
 STEPS = 4
@@ -156,8 +157,6 @@ def run_pipeline(name):
         result["cache_first_error"] = max_error(generate(other, kwargs), cached)
     if name == "flux":
         result.update(default_call_behaviour(pipe, kwargs, mesh, cached))
-    if name == "mochi":
-        result.update(mochi_attention_sharding(mesh))
     return result
 
 
@@ -183,20 +182,31 @@ def describe(images):
     return type(images[0]).__name__ if isinstance(images, list) else tuple(images.shape)
 
 
-def mochi_attention_sharding(mesh):
+def test_mochi_attention_is_split_on_two_ranks():
+    """Structure, on a simulated mesh (the pipeline's numbers are checked on real ranks below)."""
     model, kwargs = zoo.mochi(batch=2, text_pad=3)
     make_traceable(model)
-    report = para_fx.explain(model, kwargs=kwargs, mesh=mesh)
-    return dict(
-        graphs=report.graph_count,
-        sites=sorted({(s.module, s.strategy, s.local_query_len, s.global_query_len) for s in report.attention_sites}),
-        block_fallbacks=[f.op for f in report.fallbacks if "blocks." in f.module],
-    )
+    for rank in (0, 1):
+        torch._dynamo.reset()
+        report = para_fx.explain(model, kwargs=kwargs, world_size=2, rank=rank)  # init_context_parallel_mesh(): ulysses 2
+        assert report.graph_count == 1
+        sites = sorted({(s.module, s.strategy, s.local_query_len, s.global_query_len) for s in report.attention_sites})
+        joint = [s for s in sites if s[0].endswith("attn1")]
+        assert len(joint) == 2 and all(local <= total // 2 + 1 for _, _, local, total in joint), sites
+        assert any(strategy == "ulysses" for _, strategy, _, _ in joint), sites
+        block_fallbacks = [f.op for f in report.fallbacks if "blocks." in f.module]
+        assert not block_fallbacks, block_fallbacks
+    torch._dynamo.reset()
 
 
+for _name in MESHES:
+    ranks.add(2, f"pipeline {_name}", run_pipeline, _name)
+
+
+@pytest.mark.ranks
 @pytest.mark.parametrize("name", list(MESHES))
 def test_two_ranks_match_single_process(name):
-    results = run_ranks(run_pipeline, 2, name, timeout=600)
+    results = ranks.result(2, f"pipeline {name}")
     for rank, r in enumerate(results):
         where = f"{name} rank {rank}"
         assert r["mesh"] == MESHES[name][1], where
@@ -218,10 +228,3 @@ def test_two_ranks_match_single_process(name):
         assert results[0]["parallel_vae_output"] == "Image"
         assert results[1]["parallel_vae_output"] == (1, 3, 10, 14)  # took part in the decode
         assert results[1]["parallel_vae_error"] <= TOLERANCE
-    if name == "mochi":
-        for r in results:
-            assert r["graphs"] == 1
-            joint = [s for s in r["sites"] if s[0].endswith("attn1")]
-            assert len(joint) == 2 and all(local <= total // 2 + 1 for _, _, local, total in joint), r["sites"]
-            assert any(strategy == "ulysses" for _, strategy, _, _ in joint), r["sites"]
-            assert not r["block_fallbacks"], r["block_fallbacks"]

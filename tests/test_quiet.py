@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -35,6 +36,7 @@ def test_gather_warns_nothing_eagerly_or_traced():
     assert "_c10d_functional.wait_tensor.default" in ops
 
 
+@pytest.mark.scripts
 def test_the_backend_does_not_import_torchao():
     code = (
         "import sys, torch, para_fx\n"
@@ -52,6 +54,7 @@ def test_the_backend_does_not_import_torchao():
     assert result.stdout.strip().endswith("no torchao"), result.stdout[-3000:]
 
 
+@pytest.mark.scripts
 def test_demo_without_torchao_prints_no_warning(tmp_path):
     """The demo with torchao hidden (diffusers imports it whenever
     it is installed), every warning shown, in the parent and in the ranks it spawns."""

@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from para_fx.runtime.runner import RankDied, RequestFailed, Runner
 
+pytestmark = pytest.mark.ranks  # the runner spawns its own 2 ranks
+
 
 def setup(rank, world_size):
     torch.set_num_threads(1)

@@ -5,10 +5,10 @@ import torch
 import torch._inductor.graph as inductor_graph
 
 import para_fx
+import ranks
 from para_fx.core.backend import recording
 from para_fx.testing import zoo
 from para_fx.testing.dits import first_tensor, patch_dit
-from para_fx.testing.launch import run_ranks
 
 
 def _compiled_output(model, inputs, shared, mesh=None):
@@ -68,11 +68,15 @@ def ulysses_flux_with_shared_blocks():
     return out, dict(report.shared_blocks), report.notes, len(report.collectives), outside_blocks
 
 
+ranks.add(2, "shared blocks: FLUX on Ulysses 2", ulysses_flux_with_shared_blocks)
+
+
+@pytest.mark.ranks
 def test_ulysses_collectives_inside_shared_blocks():
     model, inputs = zoo.flux()
     with torch.no_grad():
         expected = first_tensor(model(**inputs))
-    for shared, calls, notes, collectives, outside_blocks in run_ranks(ulysses_flux_with_shared_blocks, 2):
+    for shared, calls, notes, collectives, outside_blocks in ranks.result(2, "shared blocks: FLUX on Ulysses 2"):
         assert len(calls) == 4 and len(set(calls.values())) == 3, notes
         assert collectives and "all_to_all" not in outside_blocks  # the attention's all-to-alls are in the blocks
         torch.testing.assert_close(shared, expected, rtol=1e-4, atol=1e-4)

@@ -1,16 +1,18 @@
 """parallelize_vae on 2 and 4 gloo ranks: tiny random diffusers VAEs against one process.
 
-One spawn per world size runs every case; the tests read its results. Latent and image heights
-do not divide by the world size, so chunks are uneven.
+Each VAE and each refused case is a case of the one spawn per world size (tests/ranks.py), so a
+case that fails fails its own tests only. Latent and image heights do not divide by the world
+size, so chunks are uneven.
 """
 
+import functools
 import logging
 
 import pytest
 import torch
 from torch import nn
 
-from para_fx.testing.launch import run_ranks
+import ranks
 
 TOLERANCE = 1e-4
 
@@ -100,57 +102,82 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if a.shape != b.shape else (a - b).abs().max().item()
 
 
-def rank_results(inputs: dict, references: dict) -> dict:
-    """On each rank: errors against the single-process references, split evidence, and error cases."""
+@functools.cache
+def inputs_and_references() -> tuple[dict, dict]:
+    """Single-process inputs and outputs, made once in the parent and sent to the ranks."""
+    inputs = make_inputs()
+    references = {kind: encode_decode(tiny_vae(kind), *inputs[kind]) for kind in CASES}
+    with torch.no_grad():
+        references["one_row"] = tiny_vae("kl").decode(inputs["kl"][1][:, :, :1]).sample
+        references["zoo"] = conv_zoo()(inputs["zoo"])
+    return inputs, references
+
+
+def world_mesh():
+    import torch.distributed as dist
+
+    import para_fx
+
+    return para_fx.init_mesh(ulysses=dist.get_world_size())
+
+
+def parallel_encode_decode(kind: str, prepared: tuple[dict, dict]) -> dict:
+    """On each rank: errors against the single-process encode and decode, and the rows the first convs saw."""
+    from para_fx.adapters.vae import parallelize_vae
+
+    (image, latent), references = prepared[0][kind], prepared[1][kind]
+    vae = tiny_vae(kind)
+    parallelize_vae(vae, world_mesh() if kind == "kl" else None)
+    encoder_rows, decoder_rows = first_conv_rows(vae.encoder), first_conv_rows(vae.decoder)
+    encoded, decoded = encode_decode(vae, image, latent)
+    return {
+        "encode": max_error(encoded, references[0]),
+        "decode": max_error(decoded, references[1]),
+        "encoder_rows": max(encoder_rows),
+        "decoder_rows": max(decoder_rows),
+    }
+
+
+def logged_decode(case: str, prepared: tuple[dict, dict]) -> tuple[float, list[str]]:
+    """On each rank: the error of a decode that para-fx adapts with a warning, and the warnings:
+    a latent of one row (too small to split) or a VAE with tiling enabled."""
+    from para_fx.adapters.vae import parallelize_vae
+
+    inputs, references = prepared
+    tiled = case == "tiled"
+    latent, reference = (inputs["kl"][1], references["kl"][1]) if tiled else (inputs["kl"][1][:, :, :1], references["one_row"])
+    messages = Messages()
+    logger = logging.getLogger("para_fx.adapters.vae")
+    logger.addHandler(messages)
+    try:
+        vae = tiny_vae("kl")
+        parallelize_vae(vae)
+        if tiled:
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = 8, 4
+        with torch.no_grad():
+            return max_error(vae.decode(latent).sample, reference), messages.records
+    finally:
+        logger.removeHandler(messages)
+
+
+def raised(fn, *args) -> tuple[str, str] | None:
+    """On each rank: the type and message of the error ``fn(*args)`` raises (None: it raised nothing)."""
+    try:
+        fn(*args)
+    except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+        return type(error).__name__, str(error)
+    return None
+
+
+def sub_mesh_parallel():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import para_fx
     from para_fx.adapters.vae import parallelize_vae
 
-    world = dist.get_world_size()
-    messages = Messages()
-    logging.getLogger("para_fx.adapters.vae").addHandler(messages)
-    out = {}
-    for kind in CASES:
-        image, latent = inputs[kind]
-        vae = tiny_vae(kind)
-        parallelize_vae(vae, para_fx.init_mesh(ulysses=world) if kind == "kl" else None)
-        encoder_rows, decoder_rows = first_conv_rows(vae.encoder), first_conv_rows(vae.decoder)
-        encoded, decoded = encode_decode(vae, image, latent)
-        out[kind] = {
-            "encode": max_error(encoded, references[kind][0]),
-            "decode": max_error(decoded, references[kind][1]),
-            "encoder_rows": max(encoder_rows),
-            "decoder_rows": max(decoder_rows),
-        }
-
-    vae = tiny_vae("kl")
-    parallelize_vae(vae)
-    one_row = inputs["kl"][1][:, :, :1]
-    with torch.no_grad():
-        out["one_row"] = max_error(vae.decode(one_row).sample, references["one_row"])
-    vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = 8, 4
-    with torch.no_grad():
-        out["tiled"] = max_error(vae.decode(inputs["kl"][1]).sample, references["kl"][1])
-    out["messages"] = messages.records
-    out["conv_zoo"] = _conv_zoo_error(inputs["zoo"], references["zoo"])
-
-    errors = {}
-    sub_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))["a"]
-    for name, call in {
-        "mesh": lambda: parallelize_vae(tiny_vae("kl"), sub_mesh),
-        "processor": lambda: _decode_with_default_processor(inputs["kl"][1]),
-        "bilinear": lambda: _decode_bilinear(inputs["kl"][1]),
-    }.items():
-        try:
-            call()
-            errors[name] = None
-        except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
-            errors[name] = (type(error).__name__, str(error))
-    out["errors"] = errors
-    return out
+    sub_mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("a", "b"))["a"]
+    parallelize_vae(tiny_vae("kl"), sub_mesh)
 
 
 def conv_zoo() -> nn.Module:
@@ -169,9 +196,10 @@ def conv_zoo() -> nn.Module:
     ).eval()
 
 
-def _conv_zoo_error(latent: torch.Tensor, reference: torch.Tensor) -> float:
+def conv_zoo_error(prepared: tuple[dict, dict]) -> float:
     from para_fx.adapters.vae import parallelize_vae
 
+    latent, reference = prepared[0]["zoo"], prepared[1]["zoo"]
     vae = nn.Module()
     vae.decoder = conv_zoo()
     parallelize_vae(vae)
@@ -179,9 +207,10 @@ def _conv_zoo_error(latent: torch.Tensor, reference: torch.Tensor) -> float:
         return max_error(vae.decoder(latent), reference)
 
 
-def _decode_with_default_processor(latent):
+def decode_with_default_processor(prepared):
     from para_fx.adapters.vae import parallelize_vae
 
+    latent = prepared[0]["kl"][1]
     vae = tiny_vae("kl")
     vae.set_default_attn_processor()  # attention by baddbmm + softmax, not SDPA
     parallelize_vae(vae)
@@ -189,9 +218,10 @@ def _decode_with_default_processor(latent):
         vae.decode(latent)
 
 
-def _decode_bilinear(latent):
+def decode_bilinear(prepared):
     from para_fx.adapters.vae import parallelize_vae
 
+    latent = prepared[0]["kl"][1]
     vae = nn.Module()
     vae.decoder = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"))
     parallelize_vae(vae)
@@ -199,73 +229,74 @@ def _decode_bilinear(latent):
         vae.decoder(latent)
 
 
-_RESULTS: dict = {}
-
-
-def results(world: int) -> list[dict]:
-    """Every rank's results at this world size (one spawn per world size, shared by the tests)."""
-    if "references" not in _RESULTS:
-        inputs = make_inputs()
-        references = {kind: encode_decode(tiny_vae(kind), *inputs[kind]) for kind in CASES}
-        with torch.no_grad():
-            references["one_row"] = tiny_vae("kl").decode(inputs["kl"][1][:, :, :1]).sample
-            references["zoo"] = conv_zoo()(inputs["zoo"])
-        _RESULTS["inputs"], _RESULTS["references"] = inputs, references
-    if world not in _RESULTS:
-        _RESULTS[world] = run_ranks(rank_results, world, _RESULTS["inputs"], _RESULTS["references"], timeout=600)
-    return _RESULTS[world]
-
-
 WORLDS = [2, 4]
+ERRORS = {  # a case para-fx refuses -> the error it must raise
+    "mesh": ("ValueError", "whole world"),
+    "processor": ("RuntimeError", "scaled_dot_product_attention"),
+    "bilinear": ("NotImplementedError", "bilinear"),
+}
+for _world in WORLDS:
+    for _kind in CASES:
+        ranks.add(_world, f"vae {_kind}", parallel_encode_decode, _kind, prepared=inputs_and_references)
+    ranks.add(_world, "vae one row", logged_decode, "one row", prepared=inputs_and_references)
+    ranks.add(_world, "vae tiled", logged_decode, "tiled", prepared=inputs_and_references)
+    ranks.add(_world, "vae conv zoo", conv_zoo_error, prepared=inputs_and_references)
+    ranks.add(_world, "vae error mesh", raised, sub_mesh_parallel)
+    ranks.add(_world, "vae error processor", raised, decode_with_default_processor, prepared=inputs_and_references)
+    ranks.add(_world, "vae error bilinear", raised, decode_bilinear, prepared=inputs_and_references)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("kind", list(CASES))
 def test_decode_and_encode_match_one_device(world, kind):
-    for rank, result in enumerate(results(world)):
-        assert result[kind]["decode"] <= TOLERANCE, (rank, result[kind])
-        assert result[kind]["encode"] <= TOLERANCE, (rank, result[kind])
+    for rank, result in enumerate(ranks.result(world, f"vae {kind}")):
+        assert result["decode"] <= TOLERANCE, (rank, result)
+        assert result["encode"] <= TOLERANCE, (rank, result)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
-def test_inputs_are_split_by_height(world):
-    inputs = make_inputs()
-    for result in results(world):
-        for kind in CASES:
-            image, latent = inputs[kind]
-            rows = image.shape[-2] // (2 if kind == "wan2.2" else 1)  # patchified before the encoder
-            assert result[kind]["encoder_rows"] < rows, kind
-            padded_chunk = -(-latent.shape[-2] // world) + 2  # a causal conv may pad its input first
-            assert result[kind]["decoder_rows"] <= padded_chunk, kind
+@pytest.mark.parametrize("kind", list(CASES))
+def test_inputs_are_split_by_height(world, kind):
+    image, latent = make_inputs()[kind]
+    for result in ranks.result(world, f"vae {kind}"):
+        rows = image.shape[-2] // (2 if kind == "wan2.2" else 1)  # patchified before the encoder
+        assert result["encoder_rows"] < rows, result
+        padded_chunk = -(-latent.shape[-2] // world) + 2  # a causal conv may pad its input first
+        assert result["decoder_rows"] <= padded_chunk, result
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
 def test_strided_dilated_and_padded_convs_on_unaligned_chunks(world):
-    for result in results(world):
-        assert result["conv_zoo"] <= TOLERANCE
+    for error in ranks.result(world, "vae conv zoo"):
+        assert error <= TOLERANCE
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
 def test_too_small_latent_falls_back_with_a_warning(world):
-    for result in results(world):
-        assert result["one_row"] <= TOLERANCE
-        assert any("cannot give each" in m for m in result["messages"]), result["messages"]
+    for error, messages in ranks.result(world, "vae one row"):
+        assert error <= TOLERANCE
+        assert any("cannot give each" in m for m in messages), messages
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
 def test_tiling_is_ignored_so_the_result_stays_exact(world):
-    for result in results(world):
-        assert result["tiled"] <= TOLERANCE
-        assert any("tiling is ignored" in m for m in result["messages"]), result["messages"]
+    for error, messages in ranks.result(world, "vae tiled"):
+        assert error <= TOLERANCE
+        assert any("tiling is ignored" in m for m in messages), messages
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
-def test_clear_errors(world):
-    for result in results(world):
-        errors = result["errors"]
-        assert errors["mesh"][0] == "ValueError" and "whole world" in errors["mesh"][1]
-        assert errors["processor"][0] == "RuntimeError" and "scaled_dot_product_attention" in errors["processor"][1]
-        assert errors["bilinear"][0] == "NotImplementedError" and "bilinear" in errors["bilinear"][1]
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_clear_errors(world, case):
+    kind, words = ERRORS[case]
+    for error in ranks.result(world, f"vae error {case}"):
+        assert error is not None and error[0] == kind and words in error[1], error
 
 
 def test_no_op_without_a_process_group():

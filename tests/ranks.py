@@ -1,0 +1,165 @@
+"""The multi-process numeric tier: one spawn of N gloo ranks per world size runs every case
+registered for that size, and each test asserts on its own case.
+
+Spawning ranks costs seconds of start-up (torch, diffusers, Dynamo) per spawn; one spawn per world
+size pays it once. A case is a module-level function (the ranks import it by name) registered with
+``add(world, name, fn, *args)`` when its test module is imported. On every rank each case runs in a
+process group of its own (a case that raises halfway leaves nothing for the next one to trip on),
+and its result, or its traceback, is sent to the parent as soon as it finishes. So a case that
+fails fails its own test only; a rank that dies or hangs fails the cases it did not finish, with
+the reason, and the whole spawn is killed after ``SPAWN_TIMEOUT`` seconds: nothing hangs.
+
+tests/conftest.py starts the world-2 spawn as soon as the tests are collected, so that its ranks
+use the core the in-process tier leaves idle; the other world sizes start when first asked for.
+
+    python -m pytest -q -m ranks tests      # this tier alone
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from para_fx.runtime.runner import free_port
+
+COLLECTIVE_TIMEOUT = 300  # s: a rank waiting longer in one collective raises (a case bug, not a slow CPU)
+SPAWN_TIMEOUT = {2: 1500, 3: 300, 4: 1500}  # s for a whole spawn, on a busy 2-core machine
+
+_CASES: dict[int, dict[str, tuple]] = {}
+_SPAWNS: dict[int, "Spawn"] = {}
+SECONDS: dict[tuple[int, str], tuple[float, float]] = {}  # (world, case) -> rank 0's wall and CPU seconds
+
+
+def add(world: int, name: str, fn: Callable, *args: Any, prepared: Callable[[], Any] | None = None) -> None:
+    """Register ``fn(*args)`` to run on every rank of the world-``world`` spawn.
+
+    ``prepared``: a function the parent calls when the case's result is first asked for, whose
+    value is passed as the last argument: what is costly to make (single-process references) is
+    made once, in the parent, and not while the in-process tier runs. Such cases run last.
+    """
+    cases = _CASES.setdefault(world, {})
+    assert name not in cases, f"case {name!r} registered twice at world {world}"
+    cases[name] = (fn, args, prepared)
+
+
+def start(world: int) -> None:
+    """Start the world-``world`` ranks on the cases that need nothing prepared (idempotent)."""
+    if world in _CASES and world not in _SPAWNS:
+        _SPAWNS[world] = Spawn(world)
+
+
+def result(world: int, name: str) -> list:
+    """Every rank's return value of case ``name``; fails the calling test if a rank did not return one."""
+    start(world)
+    outcomes = _SPAWNS[world].outcomes()[name]
+    failed = [f"rank {rank}: {text}" for rank, (ok, text) in enumerate(outcomes) if not ok]
+    if failed:  # every failing rank: the one that raised first may not be the first rank
+        pytest.fail(f"case {name!r} at world {world}\n" + "\n".join(failed), pytrace=False)
+    return [value for _, value in outcomes]
+
+
+class Spawn:
+    """The ranks of one world size: started with the ready cases, sent the prepared ones later."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.names = list(_CASES[world])
+        self.results: dict[str, list] = {name: [None] * world for name in self.names}
+        self.done = False
+        ready = [(name, fn, args) for name, (fn, args, prepared) in _CASES[world].items() if prepared is None]
+        ctx = mp.get_context("spawn")
+        self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
+        port = free_port()
+        self.procs = [
+            ctx.Process(target=_rank_main, args=(rank, world, port, ready, self.inboxes[rank], self.messages), daemon=True)
+            for rank in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+        self.deadline = time.monotonic() + SPAWN_TIMEOUT[world]
+
+    def outcomes(self) -> dict[str, list]:
+        """Per case, per rank, (True, value) or (False, why); waits for the whole spawn the first time."""
+        if not self.done:
+            self.done = True
+            self._send_prepared()
+            self._collect()
+        return self.results
+
+    def _send_prepared(self) -> None:
+        cases = []
+        for name, (fn, args, prepared) in _CASES[self.world].items():
+            if prepared is not None:
+                try:
+                    cases.append((name, fn, (*args, prepared())))
+                except Exception:  # noqa: BLE001 - this case fails, the others run
+                    self.results[name] = [(False, f"preparing its arguments in the parent:\n{traceback.format_exc()}")] * self.world
+        for inbox in self.inboxes:
+            inbox.put(cases)
+
+    def _collect(self) -> None:
+        finished, why = set(), None
+        try:
+            while len(finished) < self.world and why is None:
+                try:
+                    rank, name, ok, payload, seconds = self.messages.get(timeout=1.0)
+                    if name is None:
+                        finished.add(rank)
+                    else:
+                        self.results[name][rank] = (ok, torch.load(io.BytesIO(payload), weights_only=False) if ok else payload)
+                        if rank == 0:
+                            SECONDS[self.world, name] = seconds
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0) and r not in finished]
+                    if dead:
+                        why = f"rank {dead[0]} died with exit code {self.procs[dead[0]].exitcode}"
+                if why is None and time.monotonic() > self.deadline:
+                    why = f"the world-{self.world} spawn did not finish within {SPAWN_TIMEOUT[self.world]} s (hang?)"
+        finally:
+            for p in self.procs:
+                p.join(timeout=5 if why is None else 0)
+                if p.is_alive():
+                    p.kill()
+        for rank in range(self.world):  # the cases a dead or hung rank did not finish
+            unfinished = [name for name in self.names if self.results[name][rank] is None]
+            for name in unfinished:
+                self.results[name][rank] = (False, f"not finished: {why}; rank {rank} was running case {unfinished[0]!r}")
+
+
+def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -> None:
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    for i, (name, fn, args) in enumerate(_cases(ready, inbox, world)):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"case{i}", store), rank=rank, world_size=world, timeout=timeout)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            buffer = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the rank
+            torch.save(fn(*args), buffer)
+            ok, payload = True, buffer.getvalue()
+        except BaseException:  # noqa: BLE001 - reported to the parent, as the case's result
+            ok, payload = False, traceback.format_exc()
+        finally:
+            dist.destroy_process_group()
+            torch._dynamo.reset()
+        messages.put((rank, name, ok, payload, (time.perf_counter() - wall, time.process_time() - cpu)))
+    store.set(f"finished{rank}", "1")
+    if rank == 0:  # rank 0 holds the store: it leaves last
+        store.wait([f"finished{r}" for r in range(world)])
+    messages.put((rank, None, True, None, None))
+
+
+def _cases(ready: list, inbox, world: int):
+    yield from ready
+    yield from inbox.get(timeout=SPAWN_TIMEOUT[world])  # the prepared cases, sent when the parent needs them
