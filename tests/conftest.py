@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(items):
 
 def pytest_collection_finish(session):
     """Start the world-2 ranks now: they run on the core that the in-process tier leaves idle."""
-    if any(item.get_closest_marker("ranks") for item in session.items):
+    if not session.config.option.collectonly and any(item.get_closest_marker("ranks") for item in session.items):
         import ranks
 
         ranks.start(2)

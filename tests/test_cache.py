@@ -275,17 +275,22 @@ def ranks_cached(mesh_shape, name, thresholds):
 
 
 SAME_BRANCH = [(mesh_shape, name) for mesh_shape in [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)] for name in MODELS]
+
+
+def same_branch_case(mesh_shape, name):
+    """(world size, case name) of a model's cached run on a mesh."""
+    return mesh_shape[0] * mesh_shape[1] * mesh_shape[2], f"cache {'x'.join(map(str, mesh_shape))} {name}"
+
+
 for _mesh_shape, _name in SAME_BRANCH:
-    _world = _mesh_shape[0] * _mesh_shape[1] * _mesh_shape[2]
-    ranks.add(_world, f"cache {'x'.join(map(str, _mesh_shape))} {_name}", ranks_cached, _mesh_shape, _name, prepared=thresholds)
+    ranks.add(*same_branch_case(_mesh_shape, _name), ranks_cached, _mesh_shape, _name, prepared=thresholds)
 
 
 @pytest.mark.ranks
 @pytest.mark.parametrize("mesh_shape, name", SAME_BRANCH, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_ranks_take_the_same_branch_as_one_process(mesh_shape, name):
-    world = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     _, expected, expected_stats = reference_runs()[name]
-    for outs, stats, rank in ranks.result(world, f"cache {'x'.join(map(str, mesh_shape))} {name}"):
+    for outs, stats, rank in ranks.result(*same_branch_case(mesh_shape, name)):
         assert (stats.computed, stats.skipped) == (expected_stats.computed, expected_stats.skipped), (name, rank)
         assert stats.diffs == pytest.approx(expected_stats.diffs, rel=1e-3), (name, rank)
         assert len(outs) == STEPS
