@@ -18,16 +18,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from para_fx.inspect.dump import is_collective
+
 WAIT = torch.ops._c10d_functional.wait_tensor.default
-
-
-def is_collective_start(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and isinstance(node.target, torch._ops.OpOverload)
-        and node.target.namespace == "_c10d_functional"
-        and node.target is not WAIT
-    )
 
 
 def overlap_collectives(gm: fx.GraphModule) -> int:
@@ -40,7 +33,7 @@ def overlap_collectives(gm: fx.GraphModule) -> int:
             continue
         if node.target is WAIT or _is_barrier(node):
             region_start = node
-        elif is_collective_start(node):
+        elif is_collective(node):
             moved += _start_early(graph, node, region_start)
     for wait in list(graph.find_nodes(op="call_function", target=WAIT)):
         _wait_late(wait)

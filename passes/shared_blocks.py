@@ -22,13 +22,14 @@ import operator
 import torch
 import torch.fx as fx
 
+from para_fx.inspect.dump import is_collective
 from para_fx.inspect.report import Report
 
 from .blocks import Block, find_blocks
+from .schedule import WAIT
 
 aten = torch.ops.aten
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
-WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 @dataclasses.dataclass
@@ -96,15 +97,11 @@ def _problem(outline: _Outline) -> str | None:
             return f"{node.name} ({node.target}) has no tensor metadata"
         if node.target is WAIT and node.args[0] not in inside:
             return f"it waits for a collective started before it ({node.name})"
-        if _is_collective_start(node) and any(u not in inside for u in node.users):
+        if is_collective(node) and any(u not in inside for u in node.users):
             return f"a collective it starts is waited for after it ({node.name})"
         if any(_base(arg) not in inside for arg in _mutated_args(node)):
             return f"{node.name} ({node.target}) writes to a value from outside it"
     return None
-
-
-def _is_collective_start(node: fx.Node) -> bool:
-    return getattr(node.target, "namespace", None) == "_c10d_functional" and node.target is not WAIT
 
 
 def _mutated_args(node: fx.Node) -> list[fx.Node]:
