@@ -10,7 +10,8 @@ fails fails its own test only; a rank that dies or hangs fails the cases it did 
 the reason, and the whole spawn is killed after ``SPAWN_TIMEOUT`` seconds: nothing hangs.
 
 tests/conftest.py starts the world-2 spawn as soon as the tests are collected, so that its ranks
-use the core the in-process tier leaves idle; the other world sizes start when first asked for.
+use the core the first (one-process) tier leaves idle; the other world sizes start when first
+asked for.
 
     python -m pytest -q -m ranks tests      # this tier alone
 """

@@ -16,7 +16,6 @@ from dits import joint_dit, patch_dit
 TESTS = os.path.dirname(__file__)
 
 
-@pytest.mark.scripts
 def test_backend_name_works_without_importing_para_fx():
     script = textwrap.dedent(
         """
