@@ -1,24 +1,36 @@
 import os
 import sys
 
+import torch
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # tests import the shared rank spawns (tests/ranks.py)
 sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits) from the repository root
 
-# Tiers, in the order they run: the in-process tests (rules, goldens, structure on simulated meshes),
-# then the numeric tier on spawned gloo ranks (marked "ranks"), then the examples and the README
-# run as scripts (marked "scripts").
+# Tiers, in the order they run: one process (the rules and the golden graphs first, then structure
+# on simulated meshes, single-device numbers, the CLI), then the numeric tier on spawned gloo ranks
+# (marked "ranks"), then the examples, the README's code and the demo on 2 ranks (marked "scripts").
 LATER_TIERS = ("ranks", "scripts")
+FIRST_FILES = ("test_rules.py", "test_inspect.py")
+
+# The world-2 ranks run beside the first tier (pytest_collection_finish): one thread here, so that
+# OpenMP does not spin on a core that a rank holds.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
-    """The fast in-process tier first, so that a broken rule fails in seconds, not after the spawns."""
-    tier = lambda item: next((i + 1 for i, name in enumerate(LATER_TIERS) if item.get_closest_marker(name)), 0)
-    items.sort(key=tier)  # stable: file order within a tier
+    """The fast tier first, the rules and goldens at its head, so that a broken rule fails in seconds."""
+
+    def order(item):
+        tier = next((i + 1 for i, name in enumerate(LATER_TIERS) if item.get_closest_marker(name)), 0)
+        first = FIRST_FILES.index(item.path.name) if item.path.name in FIRST_FILES else len(FIRST_FILES)
+        return tier, first
+
+    items.sort(key=order)  # stable: file order otherwise
 
 
 def pytest_collection_finish(session):
-    """Start the world-2 ranks now: they run on the core that the in-process tier leaves idle."""
+    """Start the world-2 ranks now: they run on the core that the first tier leaves idle."""
     if not session.config.option.collectonly and any(item.get_closest_marker("ranks") for item in session.items):
         import ranks
 

@@ -7,10 +7,12 @@ size pays it once. A case is a module-level function (the ranks import it by nam
 process group of its own (a case that raises halfway leaves nothing for the next one to trip on),
 and its result, or its traceback, is sent to the parent as soon as it finishes. So a case that
 fails fails its own test only; a rank that dies or hangs fails the cases it did not finish, with
-the reason, and the whole spawn is killed after ``SPAWN_TIMEOUT`` seconds: nothing hangs.
+the reason, and the spawn is killed ``SPAWN_TIMEOUT`` seconds after the tests start waiting for it:
+nothing hangs.
 
 tests/conftest.py starts the world-2 spawn as soon as the tests are collected, so that its ranks
-use the core the in-process tier leaves idle; the other world sizes start when first asked for.
+use the core the first (one-process) tier leaves idle; the other world sizes start when first
+asked for.
 
     python -m pytest -q -m ranks tests      # this tier alone
 """
@@ -33,7 +35,8 @@ import torch.multiprocessing as mp
 from para_fx.runtime.runner import free_port
 
 COLLECTIVE_TIMEOUT = 300  # s: a rank waiting longer in one collective raises (a case bug, not a slow CPU)
-SPAWN_TIMEOUT = {2: 1500, 3: 300, 4: 1500}  # s for a whole spawn, on a busy 2-core machine
+SPAWN_TIMEOUT = {2: 1500, 3: 300, 4: 1500}  # s from the first wait for a spawn to its end, on a busy 2-core machine
+ORPHAN_TIMEOUT = 3600  # s a rank waits for the prepared cases: a rank whose parent died gives up
 
 _CASES: dict[int, dict[str, tuple]] = {}
 _SPAWNS: dict[int, "Spawn"] = {}
@@ -86,7 +89,6 @@ class Spawn:
         ]
         for p in self.procs:
             p.start()
-        self.deadline = time.monotonic() + SPAWN_TIMEOUT[world]
 
     def outcomes(self) -> dict[str, list]:
         """Per case, per rank, (True, value) or (False, why); waits for the whole spawn the first time."""
@@ -108,7 +110,7 @@ class Spawn:
             inbox.put(cases)
 
     def _collect(self) -> None:
-        finished, why = set(), None
+        finished, why, deadline = set(), None, time.monotonic() + SPAWN_TIMEOUT[self.world]
         try:
             while len(finished) < self.world and why is None:
                 try:
@@ -123,8 +125,8 @@ class Spawn:
                     dead = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0) and r not in finished]
                     if dead:
                         why = f"rank {dead[0]} died with exit code {self.procs[dead[0]].exitcode}"
-                if why is None and time.monotonic() > self.deadline:
-                    why = f"the world-{self.world} spawn did not finish within {SPAWN_TIMEOUT[self.world]} s (hang?)"
+                if why is None and time.monotonic() > deadline:
+                    why = f"the world-{self.world} spawn did not finish {SPAWN_TIMEOUT[self.world]} s after the tests began to wait for it (hang?)"
         finally:
             for p in self.procs:
                 p.join(timeout=5 if why is None else 0)
@@ -141,7 +143,7 @@ def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    for i, (name, fn, args) in enumerate(_cases(ready, inbox, world)):
+    for i, (name, fn, args) in enumerate(_cases(ready, inbox)):
         dist.init_process_group("gloo", store=dist.PrefixStore(f"case{i}", store), rank=rank, world_size=world, timeout=timeout)
         wall, cpu = time.perf_counter(), time.process_time()
         try:
@@ -160,6 +162,6 @@ def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -
     messages.put((rank, None, True, None, None))
 
 
-def _cases(ready: list, inbox, world: int):
+def _cases(ready: list, inbox):
     yield from ready
-    yield from inbox.get(timeout=SPAWN_TIMEOUT[world])  # the prepared cases, sent when the parent needs them
+    yield from inbox.get(timeout=ORPHAN_TIMEOUT)  # the prepared cases, sent when the parent needs them

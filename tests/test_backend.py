@@ -16,7 +16,6 @@ import ranks
 TESTING = os.path.dirname(dits.__file__)  # dits.py imports no para_fx: the script loads it as a plain module
 
 
-@pytest.mark.scripts
 def test_backend_name_works_without_importing_para_fx():
     script = textwrap.dedent(
         """

@@ -11,7 +11,6 @@ from para_fx.inspect.cli import main
 from para_fx.testing import dits, zoo
 
 
-@pytest.mark.scripts
 def test_explain_factory_in_subprocess_writes_html(tmp_path):
     html = tmp_path / "report.html"
     result = subprocess.run(
@@ -63,7 +62,6 @@ def one_line_error(capsys, argv, usage):
     return err
 
 
-@pytest.mark.scripts
 def test_a_missing_module_is_one_line_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "para_fx", "explain", "nosuchmod:make"],

@@ -36,7 +36,6 @@ def test_gather_warns_nothing_eagerly_or_traced():
     assert "_c10d_functional.wait_tensor.default" in ops
 
 
-@pytest.mark.scripts
 def test_the_backend_does_not_import_torchao():
     code = (
         "import sys, torch, para_fx\n"
