@@ -61,3 +61,43 @@ def test_bad_mode_and_options_are_refused():
     with pytest.raises(Exception, match="compiler is 'aot_eager'"):
         torch.compile(model, backend=para_fx.backend(compiler="aot_eager"), mode="max-autotune")(torch.randn(2, 4))
     torch._dynamo.reset()
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        split = lambda t: t.unflatten(-1, (2, 8)).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_parameters_reach_inductor_as_static_inputs(monkeypatch):
+    """CUDA graphs copy every input that is not static on each call: the weights (and the fused
+    projections' concatenated weights) must stay static through para's re-traced graphs."""
+    import torch._functorch.aot_autograd as aot
+
+    original = aot._try_get_metadata_from_dynamo
+    seen = []
+
+    def record(mod, *args):
+        sources, static = original(mod, *args)
+        seen.append((len(mod.graph.find_nodes(op="placeholder")), sorted(static)))
+        return sources, static
+
+    monkeypatch.setattr(aot, "_try_get_metadata_from_dynamo", record)
+    model = _Attention()
+    x = torch.randn(2, 6, 16)
+    weights = len(list(model.parameters()))
+    for backend, fused in ((para_fx.backend(), 0), (para_fx.backend(fuse_projections=True), 2)):
+        seen.clear()
+        torch._dynamo.reset()
+        with torch.no_grad(), config.patch(force_disable_caches=True):
+            torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
+        (inputs, static), = seen
+        assert inputs == weights + 1 + fused, seen  # the weights, x, the fused weight and bias
+        not_static = set(range(inputs)) - set(static)
+        assert len(not_static) == 1 and max(not_static) < weights + 1, seen  # only x; the fused ones come last
+    torch._dynamo.reset()

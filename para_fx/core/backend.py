@@ -23,6 +23,7 @@ from .cache import FirstBlockCache
 from ..runtime.cache import CachedGraph
 from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
+from .static_inputs import mark_static_inputs, static_flags
 from ..passes.cache import insert_first_block_cache
 from ..passes.fuse_projections import FusedWeights, fuse_projections
 from ..passes.schedule import overlap_collectives
@@ -204,6 +205,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     graph = capture_aten(gm, example_inputs, scalars=scalar_reads(gm, example_inputs))
     subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
     flat_inputs = flatten_subclasses(example_inputs) if subclass_inputs else example_inputs
+    static = static_flags(gm, example_inputs)
     graph = run_passes(graph, flat_inputs, options, report)
     user_inputs = len(flat_inputs)
     fused = None
@@ -211,6 +213,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     if groups:
         fused = FusedWeights(groups, flat_inputs)
         flat_inputs = [*flat_inputs, *fused.tensors]
+        static = [*static, *[True] * len(fused.tensors)]  # rebuilt only when a weight changes
         report.fused_projections = [len(g.weights) for g in groups]
         report.add_graph("fuse_projections", graph)
     layout = None
@@ -222,6 +225,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     report.graph_count = 1
     for recorder in _RECORDERS:
         recorder.extend(report)
+    mark_static_inputs(graph, gm, static)
     compiled = _inner_compile(graph, flat_inputs, options)
     if fused is not None:
         compiled = fused.calling(compiled, user_inputs)
