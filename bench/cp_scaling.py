@@ -116,14 +116,14 @@ class Job:
         compiled = torch.compile(model, backend=backend, options=options, mode=mode)
         return (lambda kwargs: compiled(**kwargs)), inputs
 
-    def paraattention(self, model_name: str, ring: int, ulysses: int):
+    def paraattention(self, model_name: str, ring: int, ulysses: int, mode: str | None = None):
         from competitors import parallelize_with_paraattention
 
         model, inputs = build(model_name, self.args.tiny, self.device, self.args.text_len)
         if self.world > 1:
             mesh = dist.init_device_mesh(self.device.type, (1, ring, ulysses), mesh_dim_names=("batch", "ring", "ulysses"))
             parallelize_with_paraattention(model, mesh)
-        compiled = torch.compile(model, backend=self.args.compiler)
+        compiled = torch.compile(model, backend=self.args.compiler, mode=mode)
         return (lambda kwargs: compiled(**kwargs)), inputs
 
     def run(self) -> None:
@@ -131,21 +131,25 @@ class Job:
             for model_name in self.args.models:
                 for ring, ulysses in meshes(self.world):
                     name = mesh_name(ring, ulysses)
-                    if self.args.para:
+                    if self.args.para and not self.args.cudagraphs_only:
                         self.measure(f"{model_name}/{self.args.para_label}/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=False))
+                    label = self.args.para_label
                     if name in self.args.no_overlap and self.world > 1:
-                        self.measure(f"{model_name}/para_no_overlap/{name}",
+                        self.measure(f"{model_name}/{label}_no_overlap/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=False, overlap=False))
                     if self.args.cudagraphs:
-                        self.measure(f"{model_name}/para_cudagraphs/{name}",
+                        self.measure(f"{model_name}/{label}_cudagraphs/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=False, mode="reduce-overhead"))
                     if self.args.fp8:
-                        self.measure(f"{model_name}/para_fp8/{name}",
+                        self.measure(f"{model_name}/{label}_fp8/{name}",
                                      lambda: self.para(model_name, ring, ulysses, fp8=True))
-                    if self.args.paraattention:
+                    if self.args.paraattention and not self.args.cudagraphs_only:
                         self.measure(f"{model_name}/paraattention/{name}",
                                      lambda: self.paraattention(model_name, ring, ulysses))
+                    if self.args.paraattention and self.args.cudagraphs:  # the same compile mode as para's row
+                        self.measure(f"{model_name}/paraattention_cudagraphs/{name}",
+                                     lambda: self.paraattention(model_name, ring, ulysses, mode="reduce-overhead"))
 
     def save(self) -> None:
         """Merge this world size into the kind's result file (rank 0)."""
@@ -217,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="a kernel profile of each run: NCCL time and exposed NCCL time")
     parser.add_argument("--trace", default=None, help="with --profile: a folder for rank 0's Chrome traces (.json.gz)")
     parser.add_argument("--cudagraphs", action="store_true",
-                        help="also run para with mode='reduce-overhead' (CUDA graphs): para_cudagraphs rows")
+                        help="also run para and ParaAttention with mode='reduce-overhead' (CUDA graphs): *_cudagraphs rows")
+    parser.add_argument("--cudagraphs-only", action="store_true", help="with --cudagraphs: only the CUDA-graph rows")
     parser.add_argument("--no-para", dest="para", action="store_false", help="skip the plain para rows")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="para with fuse_projections=True: rows labelled para+fuse_projections")
