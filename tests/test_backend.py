@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -156,3 +157,17 @@ def test_a_shape_that_comes_back_is_not_compiled_again(monkeypatch):
             torch.testing.assert_close(compiled(**kwargs), model(**kwargs), rtol=0, atol=1e-5)
     torch._dynamo.reset()
     assert len(compiled_shapes) == 3, compiled_shapes  # one compile per distinct shape
+
+
+def test_the_last_compile_dynamo_allows_warns():
+    """After recompile_limit compiles of a frame Dynamo runs it eagerly: unsharded, so said loudly."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"), dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in range(1, 5):
+            compiled(torch.randn(rows, 4))
+    torch._dynamo.reset()
+    ours = [str(w.message) for w in caught if "para_fx" in str(w.message)]
+    assert len(ours) == 1 and "recompile_limit (3)" in ours[0] and "unsharded" in ours[0], ours

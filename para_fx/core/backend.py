@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -93,8 +94,8 @@ def backend(
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
     for each other (see :mod:`para_fx.core.agreement`).
 
-    Two experimental passes, off by default: on 2 H200s (FLUX, 1024 px) the pair cut matmul time by
-    a tenth but made the step slower, and they have not been measured apart yet (README, Benchmarks).
+    Two experimental passes, off by default: on 2 H200s (FLUX, 1024 px) neither made the step faster
+    (README, Benchmarks).
     ``fuse_projections``: the projections that read one activation (queries, keys, values) as one
     matmul, at the cost of one more copy of their weights (:mod:`para_fx.passes.fuse_projections`).
     ``schedule_collectives``: work that no transfer needs moved behind each collective's start
@@ -164,6 +165,7 @@ def with_inductor_settings(options: Options, mode: str | None, settings: dict | 
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
+    _warn_at_recompile_limit(gm)
     scalars = scalar_reads(gm, example_inputs)
     if scalars or _is_dynamic(gm, example_inputs):
         log.info("para_fx: symbolic sizes or inputs read as numbers; compiling one graph per shape and value")
@@ -176,6 +178,24 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     names = [input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
     ranks = options.mesh.mesh.flatten().tolist()
     return with_input_check(compiled, names, ranks, check_mode(options.check_inputs), options.check_timeout)
+
+
+def _warn_at_recompile_limit(gm: fx.GraphModule) -> None:
+    """Dynamo runs a frame eagerly once it has compiled it ``recompile_limit`` times: on a mesh
+    that is every rank computing the whole model, correct but no faster. Say so at the last
+    compile Dynamo allows, before it happens (with ``dynamic=False`` each new shape is a compile)."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+    if compile_id is None or compile_id.frame_compile_id is None or compile_id.frame_compile_id + 1 != limit:
+        return
+    code = gm.meta.get("dynamo_compile_id", compile_id)
+    warnings.warn(
+        f"para_fx: graph {code} is the last compile of its frame that torch._dynamo.config.recompile_limit "
+        f"({limit}) allows; a further new input shape or guard failure runs the frame eagerly: whole and "
+        f"unsharded on every rank, without para's passes. Raise the limit, or compile with dynamic=None "
+        f"(para then compiles one static graph per shape itself, with no such limit).",
+        stacklevel=2,
+    )
 
 
 def _static_key(gm: fx.GraphModule, inputs: Sequence[Any], skip: Sequence[int] = ()) -> tuple:
