@@ -104,6 +104,48 @@ def test_explicit_lengths_and_scale():
     assert max(ranks.result(2, "attention explicit lengths and scale")) <= 1e-5
 
 
+# (query tokens, key/value tokens, query heads, key/value heads, replicated key/value)
+CAUSAL_CASES = [(13, 13, 4, 4, False), (13, 13, 6, 2, False), (9, 13, 4, 2, True), (13, 13, 4, 1, True)]
+
+
+def causal_and_grouped_errors(mesh_shape):
+    """``is_causal`` and fewer key/value heads through the public call, against SDPA's own."""
+    mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
+    coords = tuple(mesh.get_local_rank(d) for d in ("batch", "ring", "ulysses"))
+    errors = []
+    for sq, skv, heads, kv_heads, replicated in CAUSAL_CASES:
+        g = torch.Generator().manual_seed(sq * heads + kv_heads)
+        q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((heads, sq), (kv_heads, skv), (kv_heads, skv)))
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+        kv_shard = (lambda t: torch.tensor_split(t, mesh_shape[0], 0)[coords[0]]) if replicated else (
+            lambda t: shard(t, mesh_shape, coords)
+        )
+        out = para_fx.context_parallel_attention(
+            shard(q, mesh_shape, coords), kv_shard(k), kv_shard(v), mesh=mesh, kv_replicated=replicated, is_causal=True,
+        )
+        errors.append((out - shard(expected, mesh_shape, coords)).abs().max().item())
+    return errors
+
+
+for _mesh_shape in MESHES[2]:
+    ranks.add(2, f"attention causal {'x'.join(map(str, _mesh_shape))}", causal_and_grouped_errors, _mesh_shape)
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("mesh_shape", MESHES[2], ids=lambda v: "x".join(map(str, v)))
+def test_causal_and_grouped_query_attention_match_sdpa(mesh_shape):
+    for rank, errors in enumerate(ranks.result(2, f"attention causal {'x'.join(map(str, mesh_shape))}")):
+        assert len(errors) == len(CAUSAL_CASES) and max(errors) <= 1e-5, f"mesh {mesh_shape} rank {rank}: {errors}"
+
+
+def test_causal_with_a_mask_is_refused():
+    q, k, v, mask = make_inputs(7, 7, 2, True, 1)
+    with pytest.raises(ValueError, match="not both"):
+        para_fx.context_parallel_attention(q, k, v, mesh=None, attn_mask=mask, is_causal=True)
+    out = para_fx.context_parallel_attention(q, k, v, mesh=None, is_causal=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def wrong_chunk_raises():
     mesh = para_fx.init_mesh()
     q = torch.randn(1, 2, 5, 8)

@@ -38,6 +38,7 @@ def context_parallel_attention(
     kv_replicated: bool = False,
     query_len: int | None = None,
     kv_len: int | None = None,
+    is_causal: bool = False,
 ) -> torch.Tensor:
     """This rank's shard of ``scaled_dot_product_attention`` over the whole sequence.
 
@@ -49,18 +50,25 @@ def context_parallel_attention(
     when they are not given (and ``attn_mask`` does not tell ``kv_len``) the ranks exchange them:
     eagerly on every call, or once when torch.compile traces the call. Pass them when a compiled
     caller changes lengths between calls, so every rank's graph agrees on them.
+    ``is_causal``: query i attends to keys 0..i by global position, as SDPA's ``is_causal``.
+    Key/value may have fewer heads than the query (grouped-query attention, SDPA's ``enable_gqa``).
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError("context_parallel_attention expects [B, H, S, D] query, key and value")
-    if key.shape != value.shape[:-1] + key.shape[-1:] or query.shape[-1] != key.shape[-1]:
+    if key.shape != value.shape[:-1] + key.shape[-1:] or query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
         raise ValueError(f"incompatible shapes: query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("context_parallel_attention: give attn_mask or is_causal, not both (as SDPA)")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     info = None if mesh is None else traceable_mesh_info(mesh)
     if attn_mask is not None:
         attn_mask = _local_batch_mask(attn_mask, query.shape[0], info)
-    if info is None or info.seq == 1 or kv_replicated:
-        return local_attention(query, key, value, attn_mask, scale)
+    if info is None or info.seq == 1 or (kv_replicated and not is_causal):
+        return local_attention(query, key, value, attn_mask, scale, is_causal)
+    if kv_replicated:  # a causal mask goes by global positions, which the sharded path knows: this
+        kv_len = _static(key.shape[2])  # rank's chunk of the replicated keys/values is a free slice
+        key, value = (torch.tensor_split(x, info.seq, dim=2)[info.seq_rank] for x in (key, value))
     if kv_len is None and attn_mask is not None:
         kv_len = attn_mask.shape[-1]
     # Plain ints: once a length changes, Dynamo makes sizes and int arguments symbolic, which the
@@ -73,7 +81,8 @@ def context_parallel_attention(
         kv_len = kv_len if kv_len is not None else kv_global
     bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
     out = sharded_attention(
-        query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale
+        query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale,
+        causal=is_causal,
     )
     if isinstance(out, funcol.AsyncCollectiveTensor):  # eager: finish the transfer before the caller
         out = out.wait()  # sees it (torch.save, all_gather_object and .numpy() read memory as it is)
@@ -118,12 +127,14 @@ def _all_gather_lengths(group: str, q_local: int, kv_local: int) -> tuple[int, i
 _exchange_lengths_at_trace_time = torch._dynamo.assume_constant_result(_all_gather_lengths)
 
 
-def local_attention(q, k, v, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def local_attention(q, k, v, key_mask: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
     """Plain attention of local query against full key/value (cross-attention, world size 1)."""
     if q.shape[-2] == 0:  # fewer tokens than ranks; kernels reject empty queries
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, scale=scale, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 def sharded_attention(
