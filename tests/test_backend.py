@@ -68,6 +68,29 @@ def test_quantized_weights_compile_through_their_inner_tensors(compiler):
     assert para_fx.cache_stats(compiled).computed == 1
 
 
+def test_quantized_weights_are_flattened_once_and_again_when_an_inner_tensor_changes():
+    """Flattening hundreds of quantized weights per call costs milliseconds: the inner tensors are
+    reused while the weight and each inner tensor are the same objects, and not after."""
+    quantization = pytest.importorskip("torchao.quantization", reason="needs torchao")
+    from para_fx.core.capture import SubclassFlattener, flatten_subclasses
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    x = torch.randn(2, 8)
+    args = [model[0].weight, x, model[1].weight]
+    flatten = SubclassFlattener(args)
+    first = flatten(args)
+    assert [id(t) for t in first] == [id(t) for t in flatten_subclasses(args)] and len(first) == 7
+    kept = {position: seen[2] for position, seen in flatten.seen.items()}
+    assert [id(t) for t in flatten(args)] == [id(t) for t in first] and all(flatten.seen[p][2] is kept[p] for p in kept)  # reused
+    model[1].weight.qdata = model[1].weight.qdata.clone()  # an inner tensor replaced
+    fresh = flatten(args)
+    assert fresh[4] is model[1].weight.qdata and fresh[4] is not first[4]
+    assert flatten.seen[0][2] is kept[0] and flatten.seen[2][2] is not kept[2]
+    other = [model[0].weight, torch.randn(2, 8), model[1].weight]  # plain inputs pass through
+    assert flatten(other)[3] is other[1]
+
+
 def test_inputs_read_as_numbers_compile_one_graph_per_value():
     """Dynamo 2.11 hands a LayerNorm's eps over as a 0-dim tensor input read with .item()."""
     graph = torch.fx.Graph()

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .agreement import check_mode, with_input_check
 from .cache import FirstBlockCache
 from ..runtime.cache import CachedGraph
-from .capture import capture_aten, flatten_subclasses, input_name, scalar_reads
+from .capture import SubclassFlattener, capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .static_inputs import mark_static_inputs, static_flags
 from ..passes.cache import insert_first_block_cache
@@ -250,7 +250,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     if fused is not None:
         compiled = fused.calling(compiled, user_inputs)
     if subclass_inputs:
-        compiled = _FlattenSubclasses(compiled)
+        compiled = _FlattenSubclasses(compiled, example_inputs)
     if layout is not None:  # outside the flattening: the caller's parameters tell the model
         owner = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
         compiled = CachedGraph(compiled, layout, options.cache, owner)
@@ -260,11 +260,12 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
 class _FlattenSubclasses:
     """Calls a graph captured from tensor-subclass inputs with their inner tensors."""
 
-    def __init__(self, compiled: Callable[..., Any]):
+    def __init__(self, compiled: Callable[..., Any], example_inputs: Sequence[Any]):
         self.compiled = compiled
+        self.flatten = SubclassFlattener(example_inputs)
 
     def __call__(self, *args: Any) -> Any:
-        return self.compiled(*flatten_subclasses(args))
+        return self.compiled(*self.flatten(args))
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
