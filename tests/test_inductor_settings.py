@@ -101,3 +101,34 @@ def test_parameters_reach_inductor_as_static_inputs(monkeypatch):
         not_static = set(range(inputs)) - set(static)
         assert len(not_static) == 1 and max(not_static) < weights + 1, seen  # only x; the fused ones come last
     torch._dynamo.reset()
+
+
+def test_constants_the_trace_lifts_are_static_inputs_too(monkeypatch):
+    """A tensor made in forward becomes an attribute of para's graph (``_tensor_constant0``);
+    AOTAutograd lifts it as an input, which must be static and must have a source."""
+    import torch._functorch.aot_autograd as aot
+
+    original = aot._try_get_metadata_from_dynamo
+    seen = []
+
+    def record(mod, *args):
+        sources, static = original(mod, *args)
+        seen.append((dict(mod.named_buffers()), sorted(static)))
+        return sources, static
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.linear(x) + torch.tensor([1.0, 2.0])
+
+    monkeypatch.setattr(aot, "_try_get_metadata_from_dynamo", record)
+    model, x = WithConstant(), torch.randn(3, 2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=para_fx.backend(compiler="aot_eager"))(x), model(x))
+    torch._dynamo.reset()
+    (constants, static), = seen
+    assert len(constants) == 1 and static[0] == 0 and len(static) == 3, seen  # the constant, then the weights

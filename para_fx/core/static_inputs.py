@@ -7,9 +7,11 @@ every weight of the model would be copied on every step."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch.fx as fx
+from torch._dynamo.source import ConstantSource
 
 from .capture import flatten_subclasses
 
@@ -37,7 +39,14 @@ def mark_static_inputs(graph: fx.GraphModule, dynamo_graph: fx.GraphModule, stat
     if len(static) > len(placeholders):
         raise ValueError(f"para_fx: {len(static)} input flags for a graph of {len(placeholders)} inputs")
     graph.meta["dynamo_compile_id"] = compile_id
-    graph._param_name_to_source = {}  # parameters are graph inputs (inlined modules): none is lifted
+    # parameters are graph inputs (Dynamo inlines modules); what the graph holds as attributes are
+    # constants the trace lifted (``_tensor_constant0``): AOTAutograd makes them static inputs
+    graph._param_name_to_source = {
+        name: ConstantSource(f"para_fx_{name}")
+        for name, _ in itertools.chain(
+            graph.named_parameters(remove_duplicate=False), graph.named_buffers(remove_duplicate=False)
+        )
+    }
     for node, is_static in zip(placeholders, [*static, *[False] * (len(placeholders) - len(static))]):
         node._dynamo_source = None
         node.meta["tensor_dict"] = {_STATIC: "unguarded"} if is_static else {}
