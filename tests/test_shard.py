@@ -23,7 +23,7 @@ from para_fx.testing.dits import first_tensor
 import ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
-ALL = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_dit", "joint_dit"]
+ALL = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "qwen_image", "patch_dit", "joint_dit"]
 # batch 2 (the CFG batch) through projections on flattened [B*S, D] rows; complex rotary embeddings
 BATCH_TWO = ["row_dit", "complex_rope_dit", "pixart", "dit"]
 

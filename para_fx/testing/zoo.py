@@ -378,6 +378,41 @@ def dit(seed=0, batch=2, size=10, **config):
     return model, kwargs
 
 
+# Dynamo (torch 2.13, diffusers 0.42.1): 0 graph breaks.
+def qwen_image(seed=0, batch=1, height=5, width=7, text_len=7, **config):
+    """QwenImageTransformer2DModel (double-stream blocks, complex RoPE).
+
+    Takes packed latents [B, height*width, in_channels]: 5x7 -> 35 image tokens. Joint attention
+    order is cat([txt, img]); q and k are rotated as complex numbers (view_as_complex, a complex
+    multiply, view_as_real) by a table the model builds from `img_shapes`.
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
+    )
+    cfg.update(config)
+    model = _finish(QwenImageTransformer2DModel(**cfg))
+
+    g = _gen(seed)
+    kwargs = dict(
+        hidden_states=_randn(g, batch, height * width, cfg["in_channels"]),
+        encoder_hidden_states=_randn(g, batch, text_len, cfg["joint_attention_dim"]),
+        timestep=torch.rand(batch, generator=g),
+        img_shapes=[[(1, height, width)]] * batch,
+        return_dict=False,
+    )
+    return model, kwargs
+
+
 FACTORIES = {
     "flux": flux,
     "hunyuan_video": hunyuan_video,
@@ -387,4 +422,5 @@ FACTORIES = {
     "sd3": sd3,
     "pixart": pixart,
     "dit": dit,
+    "qwen_image": qwen_image,
 }
