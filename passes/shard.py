@@ -25,12 +25,12 @@ from torch.fx.operator_schemas import normalize_function
 
 from para_fx.runtime.attention import sharded_attention
 from para_fx.core.mesh import MeshInfo
-from para_fx.core.placement import REPLICATE, Placement, Replicate, Shard, plain
+from para_fx.core.placement import REPLICATE, Placement, Replicate, Shard, global_size, plain
 from para_fx.inspect.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .localize import localize
 from .redistribute import Redistributor, mark
-from .shard_rules import Call, Decision, Group, decide, family, replicated, shape, tensor_inputs, val
+from .shard_rules import Call, Decision, Group, decide, family, replicated, reshape_placement, shape, tensor_inputs, val
 
 aten = torch.ops.aten
 
@@ -77,13 +77,14 @@ def attention_args(node: fx.Node) -> dict:
 # --- plan --------------------------------------------------------------------------------------
 
 
-def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, int]:
-    """Tensor -> the dim that, sharded, flows into an attention query's sequence (or batch) dim."""
-    demand: dict[fx.Node, int] = {}
-    item_demand: dict[fx.Node, dict[int, int]] = {}
+def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, Shard]:
+    """Tensor -> the split of it that flows into an attention query's sequence (or batch) dim."""
+    demand: dict[fx.Node, Shard] = {}
+    item_demand: dict[fx.Node, dict[int, Shard]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and family(node.target) == "attention":
-            demand.setdefault(attention_args(node)["query"], spec.attention_dim)
+            query = attention_args(node)["query"]
+            demand.setdefault(query, Shard(spec.attention_dim, plain(shape(query)[spec.attention_dim])))
     for node in reversed(graph.nodes):
         if node.op != "call_function":
             continue
@@ -95,27 +96,48 @@ def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, int]:
         if not wanted or kind == "attention":
             continue
         inputs = tensor_inputs(node)
-        if kind in ("slice", "scatter") and None in wanted and _segment_dim(node) == wanted[None]:
+        if kind in ("slice", "scatter") and None in wanted and _segment_dim(node) == wanted[None].dim:
             # Whether a slice keeps whole shards depends on the layout, known only when propagating.
+            dim = wanted[None].dim
             for a in inputs[:2]:
                 if len(shape(a)) == len(shape(node)):
-                    demand.setdefault(a, wanted[None])
+                    demand.setdefault(a, Shard(dim, plain(shape(a)[dim])))
             continue
         for a in inputs:
             if a in demand:
                 continue
-            for dim, size in enumerate(shape(a)):
-                if size < spec.group.parts:
-                    continue
-                if kind == "reshape" and None in wanted and size < shape(node)[wanted[None]]:
-                    continue  # a factor of the tokens (frames of frames x height x width): split after the merge
+            for candidate in _candidates(node, a, wanted, spec.group.parts):
                 trial = {x: REPLICATE for x in inputs}
-                trial[a] = Shard(dim, plain(size))
+                trial[a] = candidate
                 decision = decide(node, trial, spec.group)
                 if decision.reason is None and _produces(decision.out, wanted):
-                    demand[a] = dim
+                    demand[a] = candidate
                     break
     return demand
+
+
+def _candidates(node: fx.Node, a: fx.Node, wanted: dict, parts: int):
+    """Splits of input ``a`` to try, best first. A wanted segmented layout is carried back as it
+    is: a sequence split inside a flattened ``[B*S, C]`` is ``((S, 1),) * B``, which a plain split
+    of ``B*S`` (a batch half) would not give back after the reshape to ``[B, S, ...]``."""
+    kind = family(node.target)
+    if kind == "reshape" and None in wanted:
+        back = reshape_placement(wanted[None], shape(node), shape(a))
+        if back is not None and min(count for count, _ in back.layout) >= parts:
+            yield back
+    for dim, size in enumerate(shape(a)):
+        if size < parts:
+            continue
+        if kind == "reshape" and None in wanted and size < shape(node)[wanted[None].dim]:
+            continue  # a factor of the tokens (frames of frames x height x width): split after the merge
+        for want in wanted.values():
+            if not _is_plain(want) and global_size(want.layout) == size:
+                yield Shard(dim, want.layout)
+        yield Shard(dim, plain(size))
+
+
+def _is_plain(p: Shard) -> bool:
+    return p.layout == plain(global_size(p.layout))
 
 
 def _segment_dim(node: fx.Node) -> int:
@@ -123,9 +145,11 @@ def _segment_dim(node: fx.Node) -> int:
 
 
 def _produces(out, wanted: dict) -> bool:
-    for index, dim in wanted.items():
+    """Whether ``out`` is split as wanted: on the wanted dim, and in the wanted layout where that
+    is segmented (a plain split of a flattened ``[B*S]`` is a batch split, not a sequence split)."""
+    for index, want in wanted.items():
         p = out if index is None else (out[index] if isinstance(out, list) and index < len(out) else None)
-        if isinstance(p, Shard) and p.dim == dim:
+        if isinstance(p, Shard) and p.dim == want.dim and (_is_plain(want) or p.layout == want.layout):
             return True
     return False
 
@@ -145,8 +169,8 @@ def plan(gm: fx.GraphModule, spec: ShardSpec) -> Plan:
             decision = _plan_attention(node, p, spec) if family(node.target) == "attention" else decide(node, p.placements, spec.group)
             p.decisions[node] = decision
             p.placements[node] = decision.out
-        if node in demand and isinstance(p.placements[node], Replicate) and shape(node)[demand[node]] >= spec.group.parts:
-            p.starts[node] = p.placements[node] = Shard(demand[node], plain(shape(node)[demand[node]]))
+        if node in demand and isinstance(p.placements[node], Replicate) and shape(node)[demand[node].dim] >= spec.group.parts:
+            p.starts[node] = p.placements[node] = demand[node]
     return p
 
 

@@ -102,25 +102,25 @@ getitem_9 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[2, 2,
 transpose_1 = aten.transpose.int(getitem_9, 1, 2)  # f32[2, 15, 2, 16]  blocks.0.attn
 view_4 = aten.view(transpose_1, [2, 15, 32])  # f32[2, 15, 32]  blocks.0.attn""")
         self.assertExpectedInline(attention_lines(report, "shard_batch"), """\
-view_3 = aten.view(permute_1, [1, 15, 3, 2, 16])  # f32[1, 15, 3, 2, 16]  S(0)  blocks.0.attn
-permute_2 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 15, 16]  S(1)  blocks.0.attn
-select = aten.select.int(permute_2, 0, 0)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
-select_1 = aten.select.int(permute_2, 0, 1)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
-select_2 = aten.select.int(permute_2, 0, 2)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+view_3 = aten.view(view_2, [1, 15, 3, 2, 16])  # f32[1, 15, 3, 2, 16]  S(0)  blocks.0.attn
+permute_6 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 15, 16]  S(1)  blocks.0.attn
+select = aten.select.int(permute_6, 0, 0)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+select_1 = aten.select.int(permute_6, 0, 1)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+select_2 = aten.select.int(permute_6, 0, 2)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
 _scaled_dot_product_flash_attention_for_cpu = aten._scaled_dot_product_flash_attention_for_cpu(select, select_1, select_2)  # (f32[1, 2, 15, 16], f32[1, 2, 15])  [S(0), S(0)]  blocks.0.attn
 getitem_9 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[1, 2, 15, 16]  [S(0), S(0)]  blocks.0.attn
 transpose_1 = aten.transpose.int(getitem_9, 1, 2)  # f32[1, 15, 2, 16]  S(0)  blocks.0.attn
 view_4 = aten.view(transpose_1, [1, 15, 32])  # f32[1, 15, 32]  S(0)  blocks.0.attn""")
         self.assertExpectedInline(attention_lines(report, "shard_seq"), """\
-view_3 = aten.view(permute_3, [1, 8, 3, 2, 16])  # f32[1, 8, 3, 2, 16]  S(1)  blocks.0.attn
-permute_4 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 8, 16]  S(3)  blocks.0.attn
-select = aten.select.int(permute_4, 0, 0)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
-select_1 = aten.select.int(permute_4, 0, 1)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
-select_2 = aten.select.int(permute_4, 0, 2)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+view_3 = aten.view(view_2, [1, 8, 3, 2, 16])  # f32[1, 8, 3, 2, 16]  S(1)  blocks.0.attn
+permute_10 = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 1, 2, 8, 16]  S(3)  blocks.0.attn
+select = aten.select.int(permute_10, 0, 0)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+select_1 = aten.select.int(permute_10, 0, 1)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
+select_2 = aten.select.int(permute_10, 0, 2)  # f32[1, 2, 8, 16]  S(2)  blocks.0.attn
 all_to_all_single = _c10d_functional.all_to_all_single(clone_1, [1, 1], [1, 1], group)  # f32[2, 1, 1, 8, 16]  blocks.0.attn
 all_to_all_single_1 = _c10d_functional.all_to_all_single(clone_2, [1, 1], [1, 1], group)  # f32[2, 2, 1, 1, 8, 16]  blocks.0.attn
 all_to_all_single_2 = _c10d_functional.all_to_all_single(stack_1, [1, 1], [1, 1], group)  # f32[2, 1, 1, 8, 16]  blocks.0.attn
-transpose_1 = aten.transpose.int(permute_9, 1, 2)  # f32[1, 8, 2, 16]  S(1)  blocks.0.attn
+transpose_1 = aten.transpose.int(permute_15, 1, 2)  # f32[1, 8, 2, 16]  S(1)  blocks.0.attn
 view_7 = aten.view(transpose_1, [1, 8, 32])  # f32[1, 8, 32]  S(1)  blocks.0.attn""")
 
 

@@ -9,20 +9,28 @@ gloo rank, every model and mesh in the one spawn per world size of tests/ranks.p
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import para_fx
 from para_fx.adapters.traceable import make_traceable
+from para_fx.core.mesh import MeshInfo
+from para_fx.core.placement import Shard, plain
+from para_fx.passes.shard import ShardSpec, find_demand, plan
+from para_fx.passes.shard_rules import Group
 from para_fx.testing import dits, zoo
 from para_fx.testing.dits import first_tensor
 import ranks
 
 FACTORIES = {**zoo.FACTORIES, **dits.FACTORIES}
-ALL = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_dit", "joint_dit"]
+ALL = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "qwen_image", "patch_dit", "joint_dit"]
+# batch 2 (the CFG batch) through projections on flattened [B*S, D] rows; complex rotary embeddings
+BATCH_TWO = ["row_dit", "complex_rope_dit", "pixart", "dit"]
 
 # (batch, ring, ulysses) -> the models run on that mesh
 MESHES = {
-    (1, 1, 2): ALL,
-    (1, 2, 1): ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit"],
+    (1, 1, 2): ALL + BATCH_TWO,
+    (1, 2, 1): ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit", "row_dit"],
     (2, 1, 1): ["patch_dit"],
     (1, 2, 2): ["flux", "hunyuan_video", "cogvideox", "sd3", "joint_dit"],
     (1, 4, 1): ["wan", "patch_dit"],
@@ -35,9 +43,9 @@ def world_of(mesh_shape):
     return mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
 
 
-def model_and_inputs(name):
+def model_and_inputs(name, **overrides):
     torch.manual_seed(0)
-    model, kwargs = FACTORIES[name]()
+    model, kwargs = FACTORIES[name](**overrides)
     make_traceable(model)  # Mochi's per-sample attention loop as one masked SDPA: one graph
     return model, kwargs
 
@@ -71,6 +79,59 @@ def test_structure_on_a_simulated_mesh(mesh_shape, name):
         assert parallel, f"{where}: no attention site was sharded: {sites}"
         for module, strategy, local, total in parallel:
             assert local <= total // seq + 2, f"{where}: {module} keeps {local} of {total} query tokens"
+
+
+def assert_blocks_context_parallel(name, mesh_shape, **overrides):
+    """A "local" self-attention (keys and values left whole) would be correct but no faster: at
+    batch 2 the keys and values must follow the queries through the [B*S, D] rows of to_k and
+    to_v. Cross-attention to the text (diffusers' attn2, where it is not SD3's second
+    self-attention) is local by design."""
+    model, kwargs = model_and_inputs(name, **overrides)
+    assert next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0] == 2
+    batch, ring, ulysses = mesh_shape
+    torch._dynamo.reset()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), ring=ring, ulysses=ulysses)
+    torch._dynamo.reset()
+    expected = "ulysses" if ring == 1 else "ring" if ulysses == 1 else "hybrid"
+    sites = [(s.module, s.strategy) for s in report.attention_sites if "blocks." in s.module]
+    cross_attention = lambda module, strategy: module.endswith("attn2") and strategy == "local"
+    assert sites and all(strategy == expected or cross_attention(module, strategy) for module, strategy in sites), sites
+    assert all("blocks." not in f.module for f in report.fallbacks), report.fallbacks
+    assert all("blocks." not in c.module for c in report.collectives if c.kind.startswith("all_gather")), report.collectives
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (1, 2, 1), (1, 1, 4), (1, 2, 2)], ids=case_id)
+@pytest.mark.parametrize("name", BATCH_TWO)
+def test_every_self_attention_is_context_parallel_at_batch_two(name, mesh_shape):
+    assert_blocks_context_parallel(name, mesh_shape)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zoo_self_attention_is_context_parallel_at_batch_two(name):
+    assert_blocks_context_parallel(name, (1, 1, 2), batch=2)
+
+
+def test_demand_splits_flattened_rows_by_sequence_not_by_batch():
+    """[B*S, D] rows flow into [B, S, H, Dh] queries: the rows are demanded split by sequence
+    within each sample (((S, 1),) * B); a plain split of B*S would be the batch halves."""
+
+    def attention(x, wq, wk):
+        B, S, D = x.shape
+        rows = x.reshape(B * S, D)
+        q = (rows @ wq).view(B, S, 2, D // 2).transpose(1, 2)
+        k = (rows @ wk).view(B, S, 2, D // 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, k)
+
+    gm = make_fx(attention, tracing_mode="fake")(torch.randn(2, 7, 8), torch.randn(8, 8), torch.randn(8, 8))
+    info = MeshInfo(1, 1, 2, 0, 0, 0, "batch", "ring", "ulysses", "seq")
+    spec = ShardSpec("seq", Group(2, 0, "unused"), info)
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    (rows,) = x.users
+    demand = find_demand(gm.graph, spec)
+    assert demand[x] == Shard(1, plain(7))
+    assert tuple(rows.meta["val"].shape) == (14, 8) and demand[rows] == Shard(0, plain(7) * 2)
+    (site,) = plan(gm, spec).sites.values()
+    assert site.strategy == "ulysses", site  # the key rows are split like the query rows
 
 
 def test_batch_parallel_only_gathers_outputs():

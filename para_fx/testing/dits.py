@@ -373,6 +373,98 @@ def joint_dit(seed: int = 0, batch: int = 1, height: int = 14, width: int = 10, 
 
 
 # --------------------------------------------------------------------------
+# RowDiT: projections on flattened [B*S, D] rows, optional complex RoPE
+# --------------------------------------------------------------------------
+
+
+def complex_rope(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotations e^(i * position * freq) as complex numbers [S, head_dim // 2]."""
+    cos, sin = rope_cos_sin(positions, head_dim, theta)
+    return torch.complex(cos, sin)
+
+
+def apply_complex_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the head dim as complex numbers; x is [B, S, H, Dh], rotations [S, Dh/2]."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations[None, :, None]).flatten(3).type_as(x)
+
+
+class RowAttention(nn.Module):
+    """Self-attention whose projections see [B*S, D] rows, as many DiTs write it: the batch and
+    the sequence share one dim around every linear."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, rows: torch.Tensor, batch: int, rotations: torch.Tensor | None) -> torch.Tensor:
+        heads = lambda t: t.view(batch, -1, self.num_heads, self.head_dim)  # [B*S, D] -> [B, S, H, Dh]
+        q, k, v = heads(self.to_q(rows)), heads(self.to_k(rows)), heads(self.to_v(rows))
+        if rotations is not None:
+            q, k = apply_complex_rope(q, rotations), apply_complex_rope(k, rotations)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.to_out(out.transpose(1, 2).reshape(rows.shape))
+
+
+class RowBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RowAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, 4 * dim)
+
+    def forward(self, rows, batch, rotations):
+        rows = rows + self.attn(self.norm1(rows), batch, rotations)
+        return rows + self.mlp(self.norm2(rows))
+
+
+class RowDiT(nn.Module):
+    """Tokens [B, S, in_dim] -> [B, S, in_dim], every block on [B*S, D] rows (the flattened
+    (batch, sequence) of diffusers' DiT, PixArt or CogVideoX attention). With ``complex_rope``,
+    q and k are rotated as complex numbers (view_as_complex, a complex multiply, view_as_real), as
+    QwenImage and Lumina do."""
+
+    def __init__(self, in_dim: int = 16, dim: int = 64, depth: int = 2, num_heads: int = 4, complex_rope: bool = False):
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.complex_rope = complex_rope
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.blocks = nn.ModuleList([RowBlock(dim, num_heads) for _ in range(depth)])
+        self.proj_out = nn.Linear(dim, in_dim)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        h = self.proj_in(x) + self.t_embedder(timestep)[:, None]
+        rotations = complex_rope(torch.arange(S, device=x.device), self.head_dim) if self.complex_rope else None
+        rows = h.reshape(B * S, -1)
+        for block in self.blocks:
+            rows = block(rows, B, rotations)
+        return self.proj_out(rows).view(B, S, -1)
+
+
+def row_dit(seed: int = 0, batch: int = 2, tokens: int = 35, **config):
+    """RowDiT at batch 2 (the CFG batch) on 35 tokens."""
+    torch.manual_seed(seed)
+    model = RowDiT(**config).eval()
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(
+        x=torch.randn(batch, tokens, model.proj_in.in_features, generator=g),
+        timestep=torch.rand(batch, generator=g) * 1000,
+    )
+    return model, kwargs
+
+
+def complex_rope_dit(seed: int = 0, **kwargs):
+    """RowDiT with complex rotary embeddings."""
+    return row_dit(seed, complex_rope=True, **kwargs)
+
+
+# --------------------------------------------------------------------------
 # fp8 linears, as torchao's dynamic fp8 quantization lowers them
 # --------------------------------------------------------------------------
 
@@ -407,4 +499,10 @@ def fp8_patch_dit(seed: int = 0, **kwargs):
     return model, inputs
 
 
-FACTORIES = {"patch_dit": patch_dit, "joint_dit": joint_dit, "fp8_patch_dit": fp8_patch_dit}
+FACTORIES = {
+    "patch_dit": patch_dit,
+    "joint_dit": joint_dit,
+    "fp8_patch_dit": fp8_patch_dit,
+    "row_dit": row_dit,
+    "complex_rope_dit": complex_rope_dit,
+}

@@ -309,6 +309,110 @@ def sd3(seed=0, batch=1, height=10, width=14, text_len=7, **config):
     return model, kwargs
 
 
+# Dynamo (torch 2.13, diffusers 0.42.1): 0 graph breaks.
+def pixart(seed=0, batch=2, height=10, width=14, text_len=7, **config):
+    """PixArtTransformer2DModel (PixArt-alpha: self-attention, cross-attention to text, adaLN-single).
+
+    Latents are [B, C, H, W] with a 2x2 patch: 10x14 -> 5*7 = 35 image tokens. Batch 2 by
+    default (the CFG batch): its attention projections run on flattened [B*S, D] rows.
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=4,
+        out_channels=8,  # learned sigma: twice the latent channels
+        num_layers=2,
+        cross_attention_dim=HEADS * HEAD_DIM,
+        caption_channels=TEXT_DIM,
+        sample_size=16,  # not 128: no resolution / aspect-ratio conditioning
+        patch_size=2,
+        norm_type="ada_norm_single",
+    )
+    cfg.update(config)
+    model = _finish(PixArtTransformer2DModel(**cfg))
+
+    g = _gen(seed)
+    kwargs = dict(
+        hidden_states=_randn(g, batch, cfg["in_channels"], height, width),
+        encoder_hidden_states=_randn(g, batch, text_len, cfg["caption_channels"]),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+    return model, kwargs
+
+
+# Dynamo (torch 2.13, diffusers 0.42.1): 0 graph breaks.
+def dit(seed=0, batch=2, size=10, **config):
+    """DiTTransformer2DModel (class-conditional DiT, adaLN-Zero).
+
+    Latents are [B, C, size, size] with a 2x2 patch: 10x10 -> 25 image tokens. Batch 2 by
+    default (the CFG batch): its attention projections run on flattened [B*S, D] rows.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=size,
+        patch_size=2,
+        num_embeds_ada_norm=10,  # classes
+    )
+    cfg.update(config)
+    model = _finish(DiTTransformer2DModel(**cfg))
+
+    g = _gen(seed)
+    kwargs = dict(
+        hidden_states=_randn(g, batch, cfg["in_channels"], size, size),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        class_labels=torch.randint(0, cfg["num_embeds_ada_norm"], (batch,), generator=g),
+        return_dict=False,
+    )
+    return model, kwargs
+
+
+# Dynamo (torch 2.13, diffusers 0.42.1): 0 graph breaks.
+def qwen_image(seed=0, batch=1, height=5, width=7, text_len=7, **config):
+    """QwenImageTransformer2DModel (double-stream blocks, complex RoPE).
+
+    Takes packed latents [B, height*width, in_channels]: 5x7 -> 35 image tokens. Joint attention
+    order is cat([txt, img]); q and k are rotated as complex numbers (view_as_complex, a complex
+    multiply, view_as_real) by a table the model builds from `img_shapes`.
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
+    )
+    cfg.update(config)
+    model = _finish(QwenImageTransformer2DModel(**cfg))
+
+    g = _gen(seed)
+    kwargs = dict(
+        hidden_states=_randn(g, batch, height * width, cfg["in_channels"]),
+        encoder_hidden_states=_randn(g, batch, text_len, cfg["joint_attention_dim"]),
+        timestep=torch.rand(batch, generator=g),
+        img_shapes=[[(1, height, width)]] * batch,
+        return_dict=False,
+    )
+    return model, kwargs
+
+
 FACTORIES = {
     "flux": flux,
     "hunyuan_video": hunyuan_video,
@@ -316,4 +420,7 @@ FACTORIES = {
     "cogvideox": cogvideox,
     "wan": wan,
     "sd3": sd3,
+    "pixart": pixart,
+    "dit": dit,
+    "qwen_image": qwen_image,
 }
