@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits)
 LATER_TIERS = ("ranks", "scripts")
 FIRST_FILES = ("test_rules.py", "test_inspect.py")
 
-# The world-2 ranks run beside the first tier (pytest_collection_finish): one thread here, so that
+# The spawned ranks run beside the first tier (pytest_collection_finish): one thread here, so that
 # OpenMP does not spin on a core that a rank holds.
 torch.set_num_threads(1)
 
@@ -30,11 +30,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """Start the world-2 ranks now: they run on the core that the first tier leaves idle."""
+    """Start the ranks of every world size now, at a low priority: they run on what the first tier leaves idle."""
     if not session.config.option.collectonly and any(item.get_closest_marker("ranks") for item in session.items):
         import ranks
 
-        ranks.start(2)
+        ranks.start_all()
 
 
 def pytest_terminal_summary(terminalreporter):
