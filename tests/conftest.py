@@ -9,7 +9,8 @@ sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits)
 
 # Tiers, in the order they run: one process (the rules and the golden graphs first, then structure
 # on simulated meshes, single-device numbers, the CLI), then the numeric tier on spawned gloo ranks
-# (marked "ranks"), then the examples, the README's code and the demo on 2 ranks (marked "scripts").
+# (marked "ranks"), then the examples, the README's code and the demo on 2 ranks (marked
+# "scripts(name)", run as subprocesses in the background from the start of the numeric tier).
 LATER_TIERS = ("ranks", "scripts")
 FIRST_FILES = ("test_rules.py", "test_inspect.py")
 
@@ -29,12 +30,37 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)  # stable: file order otherwise
 
 
+# The scripts of the selected tests (the argument of their "scripts" marker), started in the
+# background at the first test of the later tiers (tests/scripts.py).
+SCRIPTS_TO_START: list[str] = []
+
+
 def pytest_collection_finish(session):
     """Start the ranks of every world size now, at a low priority: they run on what the first tier leaves idle."""
-    if not session.config.option.collectonly and any(item.get_closest_marker("ranks") for item in session.items):
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("ranks") for item in session.items):
         import ranks
 
         ranks.start_all()
+    markers = (item.get_closest_marker("scripts") for item in session.items)
+    SCRIPTS_TO_START[:] = [marker.args[0] for marker in markers if marker is not None]
+
+
+def pytest_runtest_setup(item):
+    """At the first test of the later tiers, the scripts start beside the ranks: the first tier keeps its speed."""
+    if SCRIPTS_TO_START and any(item.get_closest_marker(tier) for tier in LATER_TIERS):
+        import scripts
+
+        scripts.start(SCRIPTS_TO_START)
+        SCRIPTS_TO_START.clear()
+
+
+def pytest_sessionfinish(session):
+    """The scripts still running when the session ends (interrupted) are killed, not waited for."""
+    import scripts
+
+    scripts.stop()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -11,8 +11,6 @@ import contextlib
 import importlib
 import io
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 
@@ -22,6 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import ranks
+import scripts
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)  # the examples import their shared module as `common`, here and on the ranks
@@ -45,11 +44,16 @@ def flags(name, out):
     return ["--tiny", "--steps", "2", "--runs", "1", "--out", out, *CASES[name][0]]
 
 
-def command(name, out):
-    script = [os.path.join(EXAMPLES, f"{name}.py"), *flags(name, out)]
+def command(name):
+    """The script, saving into its working folder."""
+    script = [os.path.join(EXAMPLES, f"{name}.py"), *flags(name, CASES[name][1])]
     if name == "flux":  # torchrun of this interpreter: a torchrun found on PATH may belong to another environment
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script]
     return [sys.executable, *script]
+
+
+for _name in SCRIPTS:
+    scripts.add(f"example {_name}", command(_name))
 
 
 def saved(name, out):
@@ -78,18 +82,6 @@ for _name in ON_RANKS:
     ranks.add(2, f"example {_name}", example_on_this_rank, _name)
 
 
-def run(args, cwd, timeout=300):
-    """Run ``args`` in a new process group, so that a hang kills every rank it started."""
-    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{args[0]} timed out after {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    return process.returncode, stdout, stderr
-
-
 def check_log(name, log):
     if name == "wan":
         assert "of 4 transformer calls" in log, log  # 2 steps, cond and uncond
@@ -97,16 +89,13 @@ def check_log(name, log):
         assert "max abs error vs eager on one process" in log, log
 
 
-@pytest.mark.scripts
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_example_script_runs_on_two_ranks_and_saves(name, tmp_path):
-    out = str(tmp_path / CASES[name][1])
-    returncode, stdout, stderr = run(command(name, out), cwd=tmp_path)
-    log = stdout[-3000:] + stderr[-3000:]
-    assert returncode == 0, log
-    assert f"[{name}] saved {out}" in stdout, log
-    assert saved(name, out) == CASES[name][2]
-    check_log(name, stdout)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.scripts(f"example {name}")) for name in SCRIPTS])
+def test_example_script_runs_on_two_ranks_and_saves(name):
+    result = scripts.result(f"example {name}")
+    assert result.returncode == 0, result.log()
+    assert f"[{name}] saved {CASES[name][1]}" in result.stdout, result.log()
+    assert saved(name, result.folder / CASES[name][1]) == CASES[name][2]
+    check_log(name, result.stdout)
 
 
 @pytest.mark.ranks
