@@ -85,15 +85,20 @@ def parse_args(
 
 def main(example: Example, description: str) -> None:
     """Parse the flags and run ``example``'s pipeline on every rank."""
-    args = parse_args(
+    launch(run_pipeline, example_args(example, description), example)
+
+
+def example_args(example: Example, description: str = "", argv: list[str] | None = None) -> argparse.Namespace:
+    """``parse_args`` with ``example``'s defaults (``argv``: the command line's when None)."""
+    return parse_args(
         description,
         example.name,
         out_extension=_default_extension(example),
         cache_threshold=example.cache_threshold,
         max_batch_dim_size=example.max_batch_dim_size,
         max_ring_dim_size=example.max_ring_dim_size,
+        argv=argv,
     )
-    launch(run_pipeline, args, example)
 
 
 def launch(fn: Callable[..., Any], args: argparse.Namespace, *fn_args: Any) -> None:

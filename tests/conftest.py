@@ -9,11 +9,12 @@ sys.path.insert(0, os.path.dirname(TESTS))  # and the examples (examples.digits)
 
 # Tiers, in the order they run: one process (the rules and the golden graphs first, then structure
 # on simulated meshes, single-device numbers, the CLI), then the numeric tier on spawned gloo ranks
-# (marked "ranks"), then the examples, the README's code and the demo on 2 ranks (marked "scripts").
+# (marked "ranks"), then the examples, the README's code and the demo on 2 ranks (marked
+# "scripts(name)", run as subprocesses in the background from the start of the numeric tier).
 LATER_TIERS = ("ranks", "scripts")
 FIRST_FILES = ("test_rules.py", "test_inspect.py")
 
-# The world-2 ranks run beside the first tier (pytest_collection_finish): one thread here, so that
+# The spawned ranks run beside the first tier (pytest_collection_finish): one thread here, so that
 # OpenMP does not spin on a core that a rank holds.
 torch.set_num_threads(1)
 
@@ -29,12 +30,37 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)  # stable: file order otherwise
 
 
+# The scripts of the selected tests (the argument of their "scripts" marker), started in the
+# background at the first test of the later tiers (tests/scripts.py).
+SCRIPTS_TO_START: list[str] = []
+
+
 def pytest_collection_finish(session):
-    """Start the world-2 ranks now: they run on the core that the first tier leaves idle."""
-    if not session.config.option.collectonly and any(item.get_closest_marker("ranks") for item in session.items):
+    """Start the ranks of every world size now, at a low priority: they run on what the first tier leaves idle."""
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("ranks") for item in session.items):
         import ranks
 
-        ranks.start(2)
+        ranks.start_all()
+    markers = (item.get_closest_marker("scripts") for item in session.items)
+    SCRIPTS_TO_START[:] = [marker.args[0] for marker in markers if marker is not None]
+
+
+def pytest_runtest_setup(item):
+    """At the first test of the later tiers, the scripts start beside the ranks: the first tier keeps its speed."""
+    if SCRIPTS_TO_START and any(item.get_closest_marker(tier) for tier in LATER_TIERS):
+        import scripts
+
+        scripts.start(SCRIPTS_TO_START)
+        SCRIPTS_TO_START.clear()
+
+
+def pytest_sessionfinish(session):
+    """The scripts still running when the session ends (interrupted) are killed, not waited for."""
+    import scripts
+
+    scripts.stop()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -10,9 +10,10 @@ fails fails its own test only; a rank that dies or hangs fails the cases it did 
 the reason, and the spawn is killed ``SPAWN_TIMEOUT`` seconds after the tests start waiting for it:
 nothing hangs.
 
-tests/conftest.py starts the world-2 spawn as soon as the tests are collected, so that its ranks
-use the core the first (one-process) tier leaves idle; the other world sizes start when first
-asked for.
+tests/conftest.py starts every spawn as soon as the tests are collected, at a low priority: the
+ranks use what the first (one-process) tier leaves of the cores, and that tier runs as fast as on
+an idle machine. The cases prepared in the parent are made and sent to every spawn, smallest world
+first, when the tests first wait for a result: no spawn idles while the parent waits for another.
 
     python -m pytest -q -m ranks tests      # this tier alone
 """
@@ -36,6 +37,7 @@ from para_fx.runtime.runner import free_port
 
 COLLECTIVE_TIMEOUT = 300  # s: a rank waiting longer in one collective raises (a case bug, not a slow CPU)
 SPAWN_TIMEOUT = {2: 1500, 3: 300, 4: 1500}  # s from the first wait for a spawn to its end, on a busy 2-core machine
+RANK_NICENESS = 10  # the ranks yield the cores to the pytest process and to what it runs in the foreground
 ORPHAN_TIMEOUT = 3600  # s a rank waits for the prepared cases: a rank whose parent died gives up
 
 _CASES: dict[int, dict[str, tuple]] = {}
@@ -61,9 +63,17 @@ def start(world: int) -> None:
         _SPAWNS[world] = Spawn(world)
 
 
+def start_all() -> None:
+    """Start the ranks of every world size that has cases."""
+    for world in sorted(_CASES):
+        start(world)
+
+
 def result(world: int, name: str) -> list:
     """Every rank's return value of case ``name``; fails the calling test if a rank did not return one."""
     start(world)
+    for spawn in sorted(_SPAWNS.values(), key=lambda s: s.world):  # the others run while this one is awaited
+        spawn.send_prepared()
     outcomes = _SPAWNS[world].outcomes()[name]
     failed = [f"rank {rank}: {text}" for rank, (ok, text) in enumerate(outcomes) if not ok]
     if failed:  # every failing rank: the one that raised first may not be the first rank
@@ -78,7 +88,7 @@ class Spawn:
         self.world = world
         self.names = list(_CASES[world])
         self.results: dict[str, list] = {name: [None] * world for name in self.names}
-        self.done = False
+        self.sent = self.done = False
         ready = [(name, fn, args) for name, (fn, args, prepared) in _CASES[world].items() if prepared is None]
         ctx = mp.get_context("spawn")
         self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
@@ -94,11 +104,15 @@ class Spawn:
         """Per case, per rank, (True, value) or (False, why); waits for the whole spawn the first time."""
         if not self.done:
             self.done = True
-            self._send_prepared()
+            self.send_prepared()
             self._collect()
         return self.results
 
-    def _send_prepared(self) -> None:
+    def send_prepared(self) -> None:
+        """Make the prepared cases' arguments here and send them to the ranks (once)."""
+        if self.sent:
+            return
+        self.sent = True
         cases = []
         for name, (fn, args, prepared) in _CASES[self.world].items():
             if prepared is not None:
@@ -139,6 +153,7 @@ class Spawn:
 
 
 def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -> None:
+    os.nice(RANK_NICENESS)
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)

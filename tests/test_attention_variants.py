@@ -125,7 +125,8 @@ def kernel_errors(mesh_shape):
 
 
 def model_errors(mesh_shapes, names):
-    """On one rank: each model compiled with the para backend on each mesh vs. eager, and its sites."""
+    """On one rank: each model compiled with the para backend on each mesh vs. eager. Which
+    strategy each site takes is read in-process (test_sites_are_split_not_local)."""
     results = {}
     for mesh_shape in mesh_shapes:
         mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
@@ -135,14 +136,8 @@ def model_errors(mesh_shapes, names):
                 with torch.no_grad():
                     expected = model(**kwargs)
                     compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager"))
-                    error = (compiled(**kwargs) - expected).abs().max().item()
+                    results[mesh_shape, name] = (compiled(**kwargs) - expected).abs().max().item()
                 torch._dynamo.reset()
-                report = para_fx.explain(model, kwargs=kwargs, mesh=mesh)
-                torch._dynamo.reset()
-                results[mesh_shape, name] = dict(
-                    error=error, strategies=[s.strategy for s in report.attention_sites],
-                    fallbacks=[(f.op, f.reason) for f in report.fallbacks if "blocks." in f.module],
-                )
             except Exception:
                 results[mesh_shape, name] = traceback.format_exc()
     return results
@@ -154,9 +149,6 @@ def check_each(per_rank, tolerance=1e-5):
         for case, result in results.items():
             if isinstance(result, str):
                 failures.append(f"rank {rank} {case} raised:\n{result}")
-            elif isinstance(result, dict):
-                if result["error"] > tolerance or result["fallbacks"]:
-                    failures.append(f"rank {rank} {case}: {result}")
             elif result > tolerance:
                 failures.append(f"rank {rank} {case}: max abs error {result}")
     assert not failures, "\n".join(failures)
@@ -183,14 +175,11 @@ def test_grouped_query_and_causal_match_one_process(world):
     per_rank = ranks.result(world, "grouped-query and causal attention")
     check_each([{(mesh, case): e for mesh, cases in kernels.items() for case, e in cases.items()} for kernels, _ in per_rank])
     check_each([models for _, models in per_rank])
-    for mesh_shape in MESHES[world]:
-        for name in MODELS:
-            strategies = per_rank[0][1][mesh_shape, name]["strategies"]
-            assert strategies == [STRATEGY[mesh_shape]] * 2, (mesh_shape, name, strategies)
+    assert all(len(models) == len(MESHES[world]) * len(MODELS) for _, models in per_rank)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("world, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2)])
+@pytest.mark.parametrize("world, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2), (4, 4, 1)])  # MESHES, as (world, ulysses, ring)
 def test_sites_are_split_not_local(name, world, ulysses, ring):
     torch._dynamo.reset()  # a fresh compile per case, not Dynamo's recompile limit
     model, kwargs = make_model(name)

@@ -1,18 +1,31 @@
-"""Every example script, with --tiny, on 2 CPU ranks: it must exit cleanly and save its output.
+"""Every example, with --tiny, on 2 CPU ranks: it must finish and save its output.
 
-FLUX runs under torchrun (one process per rank); the others spawn their 2 ranks themselves.
+Two run as scripts, one per way of launching: FLUX under torchrun (one process per rank), the
+plain DiT spawning its 2 ranks itself. The video pipelines, whose scripts are the same
+``common.main`` with another ``Example``, run that example's pipeline (``common.run_pipeline``,
+from the flags to the saved file) as cases of the world-2 spawn of tests/ranks.py: a script's
+three processes of start-up each were most of their time.
 """
 
+import contextlib
+import importlib
+import io
 import os
-import signal
-import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
+import ranks
+import scripts
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)  # the examples import their shared module as `common`, here and on the ranks
+
+import common  # noqa: E402
 
 # name -> (extra flags, output file, what the saved file must hold)
 CASES = {
@@ -23,54 +36,78 @@ CASES = {
     "wan": (["--cache", "0.3"], "wan.gif", ("video", 9)),
     "plain_dit": (["--max-batch", "1"], "plain_dit.pt", ("latent", (1, 4, 10, 14))),
 }
+SCRIPTS = ("flux", "plain_dit")
+ON_RANKS = [name for name in CASES if name not in SCRIPTS]
 
 
-def command(name, flags, out):
-    script = [os.path.join(EXAMPLES, f"{name}.py"), "--tiny", "--steps", "2", "--runs", "1", "--out", out, *flags]
+def flags(name, out):
+    return ["--tiny", "--steps", "2", "--runs", "1", "--out", out, *CASES[name][0]]
+
+
+def command(name):
+    """The script, saving into its working folder."""
+    script = [os.path.join(EXAMPLES, f"{name}.py"), *flags(name, CASES[name][1])]
     if name == "flux":  # torchrun of this interpreter: a torchrun found on PATH may belong to another environment
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script]
     return [sys.executable, *script]
 
 
-def run(args, cwd, timeout=300):
-    """Run ``args`` in a new process group, so that a hang kills every rank it started."""
-    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{args[0]} timed out after {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    return process.returncode, stdout, stderr
+for _name in SCRIPTS:
+    scripts.add(f"example {_name}", command(_name))
 
 
-@pytest.mark.scripts
-@pytest.mark.parametrize("name", list(CASES))
-def test_example_runs_on_two_ranks_and_saves(name, tmp_path):
-    flags, filename, (kind, expected) = CASES[name]
-    out = str(tmp_path / filename)
-    returncode, stdout, stderr = run(command(name, flags, out), cwd=tmp_path)
-    log = stdout[-3000:] + stderr[-3000:]
-    assert returncode == 0, log
-    assert f"[{name}] saved {out}" in stdout, log
+def saved(name, out):
+    """What the saved file holds, as CASES states it."""
+    kind = CASES[name][2][0]
     if kind == "image":
-        assert Image.open(out).size == expected
-    elif kind == "video":
-        assert Image.open(out).n_frames == expected
-    else:
-        assert tuple(torch.load(out).shape) == expected
+        return kind, Image.open(out).size
+    if kind == "video":
+        return kind, Image.open(out).n_frames
+    return kind, tuple(torch.load(out).shape)
+
+
+def example_on_this_rank(name):
+    """On one rank: the example's pipeline from its flags, as its script runs it under torchrun;
+    rank 0's log and what it saved."""
+    example = importlib.import_module(name).EXAMPLE
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, CASES[name][1])
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            common.run_pipeline(common.example_args(example, argv=flags(name, out)), example)
+        return log.getvalue().replace(out, CASES[name][1]), saved(name, out) if dist.get_rank() == 0 else None
+
+
+for _name in ON_RANKS:
+    ranks.add(2, f"example {_name}", example_on_this_rank, _name)
+
+
+def check_log(name, log):
     if name == "wan":
-        assert "of 4 transformer calls" in stdout, log  # 2 steps, cond and uncond
+        assert "of 4 transformer calls" in log, log  # 2 steps, cond and uncond
     if name == "plain_dit":
-        assert "max abs error vs eager on one process" in stdout, log
+        assert "max abs error vs eager on one process" in log, log
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.scripts(f"example {name}")) for name in SCRIPTS])
+def test_example_script_runs_on_two_ranks_and_saves(name):
+    result = scripts.result(f"example {name}")
+    assert result.returncode == 0, result.log()
+    assert f"[{name}] saved {CASES[name][1]}" in result.stdout, result.log()
+    assert saved(name, result.folder / CASES[name][1]) == CASES[name][2]
+    check_log(name, result.stdout)
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("name", ON_RANKS)
+def test_example_pipeline_runs_on_two_ranks_and_saves(name):
+    (log, what), (_, nothing) = ranks.result(2, f"example {name}")
+    assert f"[{name}] saved {CASES[name][1]}" in log, log
+    assert what == CASES[name][2] and nothing is None  # rank 0 saves
+    check_log(name, log)
 
 
 def test_mode_asks_for_inductor_even_with_tiny():
-    sys.path.insert(0, EXAMPLES)
-    try:
-        import common
-    finally:
-        sys.path.remove(EXAMPLES)
     parse = lambda *flags: common.parse_args("", "flux", out_extension="png", argv=list(flags))
     assert parse("--tiny").compiler == "aot_eager"
     assert parse("--tiny", "--mode", "max-autotune-no-cudagraphs").compiler == "inductor"

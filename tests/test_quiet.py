@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from para_fx.runtime import collectives
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A Python warning attributed to a file of this repository: "/.../para_fx/runtime/cache.py:131: UserWarning: ..."
@@ -53,16 +54,15 @@ def test_the_backend_does_not_import_torchao():
     assert result.stdout.strip().endswith("no torchao"), result.stdout[-3000:]
 
 
-@pytest.mark.scripts
-def test_demo_without_torchao_prints_no_warning(tmp_path):
-    """The demo with torchao hidden (diffusers imports it whenever
-    it is installed), every warning shown, in the parent and in the ranks it spawns."""
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torchao'] = None  # find_spec says: not installed\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "always"}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "demo.py")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-    )
+# The demo with torchao hidden (tests/without_torchao/sitecustomize.py), every warning shown.
+DEMO_ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests", "without_torchao"), "PYTHONWARNINGS": "always"}
+scripts.add("demo without torchao", [sys.executable, os.path.join(ROOT, "examples", "demo.py")], DEMO_ENV)
+
+
+@pytest.mark.scripts("demo without torchao")
+def test_demo_without_torchao_prints_no_warning():
+    """No warning in the parent or in the ranks it spawns, torchao hidden (diffusers imports it whenever it is installed)."""
+    result = scripts.result("demo without torchao")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.rstrip().endswith("MATCH"), result.stdout[-3000:]
     assert not OWN_WARNING.search(result.stderr), result.stderr[-3000:]

@@ -3,11 +3,12 @@ and every file the README names exists."""
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
+
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -52,18 +53,28 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize(  # the examples on 2 ranks run with the scripts, last; explain is one process
-    "name", [pytest.param(name, marks=() if name == "explain" else pytest.mark.scripts) for name in RUNS]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ONE_PROCESS = "explain"  # runs in the first tier; the examples on 2 ranks run with the scripts, in the background
+
+
+def absolute(command):
+    return [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in command]
+
+
+for _name, (_command, _) in RUNS.items():
+    if _name != ONE_PROCESS:
+        scripts.add(_name, absolute(_command), ENV)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name == ONE_PROCESS else pytest.mark.scripts(name)) for name in RUNS]
 )
 def test_example_runs_as_written(name, tmp_path):
     command, patterns = RUNS[name]
-    command = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in command]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    log = result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.returncode == 0, log
+    result = scripts.run(absolute(command), ENV, tmp_path) if name == ONE_PROCESS else scripts.result(name)
+    assert result.returncode == 0, result.log()
     found = {pattern: re.findall(pattern, result.stdout) for pattern in patterns}
-    assert all(found.values()), log
+    assert all(found.values()), result.log()
     if name == "usage":
         errors = [float(e) for e in found[patterns[0]]]
         assert len(errors) == 2 and max(errors) <= 1e-4, errors
@@ -71,6 +82,6 @@ def test_example_runs_as_written(name, tmp_path):
         skipped = found[patterns[0]]
         assert len(skipped) == 2 and skipped[0] == skipped[1] and int(skipped[0]) > 0, skipped  # ranks agree
     if name == "pipeline":
-        assert Image.open(tmp_path / "flux.png").size == (14, 10)
+        assert Image.open(result.folder / "flux.png").size == (14, 10)
     if name == "explain":
-        assert "<h1>para-fx report</h1>" in (tmp_path / "report.html").read_text()
+        assert "<h1>para-fx report</h1>" in (result.folder / "report.html").read_text()

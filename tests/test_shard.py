@@ -145,34 +145,29 @@ def test_batch_parallel_only_gathers_outputs():
 # --- outputs, on real ranks -----------------------------------------------------------------------
 
 
-def compiled_error(mesh_shape, name, compiler="aot_eager"):
+def compiled_error(mesh_shape, name):
     """On one rank: max abs error of the model compiled with the para backend against eager."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
     model, kwargs = model_and_inputs(name)
     with torch.no_grad():
         expected = first_tensor(model(**kwargs))
-        compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler=compiler))
+        compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager"))
         return (first_tensor(compiled(**kwargs)) - expected).abs().max().item()
 
 
-for _mesh_shape, _name in CASES:
+# FLUX on Ulysses 2 against eager on 2 ranks, at the same tolerance, is what examples/demo.py
+# checks through aot_eager (tests/test_quiet.py) and examples/usage.py through Inductor
+# (tests/test_readme.py): not run a third time here.
+NUMERIC_CASES = [case for case in CASES if case != ((1, 1, 2), "flux")]
+for _mesh_shape, _name in NUMERIC_CASES:
     ranks.add(world_of(_mesh_shape), f"shard {case_id(_mesh_shape)} {_name}", compiled_error, _mesh_shape, _name)
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("mesh_shape, name", CASES, ids=case_id)
+@pytest.mark.parametrize("mesh_shape, name", NUMERIC_CASES, ids=case_id)
 def test_outputs_match_single_process(mesh_shape, name):
     errors = ranks.result(world_of(mesh_shape), f"shard {case_id(mesh_shape)} {name}")
     assert max(errors) <= 1e-4, f"{name} mesh {mesh_shape}: max abs error per rank {errors}"
-
-
-ranks.add(2, "shard 1x1x2 flux inductor", compiled_error, (1, 1, 2), "flux", "inductor")
-
-
-@pytest.mark.ranks
-def test_flux_through_inductor():
-    errors = ranks.result(2, "shard 1x1x2 flux inductor")
-    assert max(errors) <= 1e-4, errors
 
 
 def new_resolutions():

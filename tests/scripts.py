@@ -1,0 +1,103 @@
+"""The scripts tier's subprocesses (the examples as scripts, the README's code, the demo), run in
+the background two at a time from when the tests reach the multi-process tiers.
+
+Each script runs 2 ranks and spends seconds starting Python and torch in each process; run one
+after another, they leave cores idle while they start. Started early and at a low priority,
+like the spawned ranks of tests/ranks.py, they use what the ranks leave of the cores, and each
+test waits for its own script. A script is registered with ``add`` when its test module is
+imported and started when tests/conftest.py calls ``start`` with the selected tests' scripts; it
+runs in a folder of its own and a session of its own, so that a hang kills every process it
+started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import tempfile
+
+CONCURRENT = 2  # scripts at a time: each runs 2 ranks on a 2-core machine
+NICENESS = 10  # as the spawned ranks': the pytest process keeps its priority
+TIMEOUT = 600  # s from a script's start
+
+_COMMANDS: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+_RUNS: dict[str, concurrent.futures.Future] = {}
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first start: not in the ranks that import test modules
+_FOLDERS: tempfile.TemporaryDirectory | None = None
+_RUNNING: set[subprocess.Popen] = set()
+
+
+@dataclasses.dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    folder: pathlib.Path  # the working folder: what the script saved
+
+    def log(self) -> str:
+        """The ends of stdout and stderr, for an assertion's message."""
+        return self.stdout[-3000:] + self.stderr[-3000:]
+
+
+def add(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Register ``args`` as script ``name`` (``env``: its whole environment; None: this process's)."""
+    assert name not in _COMMANDS, f"script {name!r} registered twice"
+    _COMMANDS[name] = (args, env)
+
+
+def start(names) -> None:
+    """Start the scripts ``names`` in the background, CONCURRENT at a time (each once)."""
+    global _POOL, _FOLDERS
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(CONCURRENT, thread_name_prefix="scripts")
+        _FOLDERS = tempfile.TemporaryDirectory(prefix="para-fx-scripts-")
+        atexit.register(_FOLDERS.cleanup)
+    for name in names:
+        if name not in _RUNS:
+            folder = pathlib.Path(_FOLDERS.name) / name.replace(" ", "_")
+            folder.mkdir()
+            _RUNS[name] = _POOL.submit(run, *_COMMANDS[name], folder, NICENESS)
+
+
+def result(name: str) -> Outcome:
+    """Script ``name``'s outcome, once it has finished (started now if it was not)."""
+    start([name])
+    return _RUNS[name].result()
+
+
+def stop() -> None:
+    """Drop the scripts not started and kill those running, with all they started (an interrupted session)."""
+    if _POOL is not None:
+        _POOL.shutdown(wait=False, cancel_futures=True)
+    for process in list(_RUNNING):
+        _kill(process)
+
+
+def run(args: list[str], env: dict[str, str] | None, folder: pathlib.Path, niceness: int = 0) -> Outcome:
+    """Run ``args`` in ``folder`` and a new session; a run past TIMEOUT is killed with all it started."""
+    process = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _RUNNING.add(process)
+    try:
+        if niceness:  # now, long before it has imported torch and started its ranks, which inherit it
+            os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill(process)
+            stdout, stderr = process.communicate()
+            stderr += f"\n{args[0]} timed out after {TIMEOUT} s and was killed"
+    finally:
+        _RUNNING.discard(process)
+    return Outcome(process.returncode, stdout, stderr, folder)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it has just ended
+        pass
