@@ -141,10 +141,13 @@ def main() -> int:
 
     results = {"diffusers": diffusers.__version__, "torch": torch.__version__, "world": args.world, "models": {}}
     only = [s for s in args.only.split(",") if s]
+    if only and os.path.exists(args.out):  # a partial run updates the models it runs
+        with open(args.out) as f:
+            results["models"] = json.load(f)["models"]
     for name, config in tester_configs(args.diffusers_root).items():
         if only and not any(s in name for s in only):
             continue
-        per_batch = results["models"].setdefault(name, {})
+        per_batch = results["models"][name] = {}
         for batch in [int(b) for b in args.batches.split(",")]:
             if isinstance(config, Exception):
                 per_batch[str(batch)] = {"error": f"test module not importable: {type(config).__name__}: {config}"[:300]}
