@@ -57,10 +57,15 @@ def tester_configs(diffusers_root: str) -> dict[str, object]:
     return configs
 
 
+class InputsNotRunnable(Exception):
+    """The test's dummy inputs cannot run at this batch size (built at one batch size only, or
+    rejected by the model itself): not a para result."""
+
+
 def inputs_for(config, batch: int) -> dict:
     if "batch_size" not in inspect.signature(config.get_dummy_inputs).parameters:
         if batch != 1:
-            raise TypeError("its dummy inputs take no batch size")
+            raise InputsNotRunnable("the test's dummy inputs have a fixed batch size")
         return config.get_dummy_inputs()
     return config.get_dummy_inputs(batch_size=batch)
 
@@ -72,7 +77,15 @@ def examine(config, batch: int, world: int) -> dict:
     patched = make_traceable(model)  # what parallelize_pipe does first: known graph breaks removed
     kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs_for(config, batch).items()}
     torch._dynamo.reset()
-    report = para_fx.explain(model, kwargs=kwargs, world_size=world)
+    try:
+        report = para_fx.explain(model, kwargs=kwargs, world_size=world)
+    except Exception:
+        try:  # inputs the model itself rejects are the test's, not para's
+            with torch.no_grad():
+                model(**kwargs)
+        except Exception as eager_error:
+            raise InputsNotRunnable(f"the model fails on these inputs without para too: {type(eager_error).__name__}") from None
+        raise
     in_blocks = [f for f in report.fallbacks if report.in_blocks(f.module)]
     return {
         "class": type(model).__name__,
@@ -91,6 +104,8 @@ def _short(source: str) -> str:
 
 
 def _why(row: dict) -> str:
+    if "not_run" in row:
+        return row["not_run"]
     if "error" in row:
         return row["error"]
     if row["first_fallback"]:
@@ -104,6 +119,8 @@ def _why(row: dict) -> str:
 def verdict(row: dict) -> str:
     """What a user gets: split (every token-attention split, no fallback in the blocks), partly
     split, or not split."""
+    if "not_run" in row:
+        return "-"
     if "error" in row:
         return "error"
     split = sum(row["sites"].get(s, 0) for s in SPLIT)
@@ -117,7 +134,7 @@ def table(results: dict) -> str:
     for name, per_batch in sorted(results["models"].items(), key=lambda kv: kv[1].get("1", {}).get("class", kv[0])):
         rows = [per_batch.get(b, {"error": "not run"}) for b in ("1", "2")]
         cls = next((r["class"] for r in rows if "class" in r), name)
-        why = next((_why(r) for r in rows if verdict(r) != "split"), "")
+        why = next((_why(r) for r in rows if verdict(r) not in ("split", "-")), "")
         lines.append(f"| {cls} | {verdict(rows[0])} | {verdict(rows[1])} | {why[:160].replace('|', '/')} |")
     return "\n".join(lines)
 
@@ -154,6 +171,8 @@ def main() -> int:
                 continue
             try:
                 per_batch[str(batch)] = examine(config, batch, args.world)
+            except InputsNotRunnable as reason:
+                per_batch[str(batch)] = {"class": config.model_class.__name__, "not_run": str(reason)}
             except Exception as error:
                 cause = getattr(error, "inner_exception", None) or error  # the backend's own error, not Dynamo's wrapper
                 per_batch[str(batch)] = {"class": config.model_class.__name__, "error": f"{type(cause).__name__}: {cause}"[:300]}

@@ -142,3 +142,13 @@ def test_compiled_attention_takes_a_second_sequence_length(pass_lengths):
     case = "given" if pass_lengths else "exchanged"
     for errors in ranks.result(2, f"failure compiled attention lengths {case}"):
         assert len(errors) == 3 and max(errors) <= 1e-5, errors
+
+
+def test_fingerprints_see_the_imaginary_part_of_complex_inputs():
+    """Ranks whose complex inputs (RoPE tables) differ only in the imaginary part must differ."""
+    from para_fx.core.agreement import fingerprint
+
+    a = torch.complex(torch.ones(4), torch.zeros(4))
+    b = torch.complex(torch.ones(4), torch.full((4,), 0.5))
+    assert fingerprint([a]) != fingerprint([b])
+    assert fingerprint([a]) == fingerprint([a.clone()])

@@ -127,8 +127,8 @@ def fingerprint(args: Sequence[Any]) -> list[str]:
 
 def _sums(x: torch.Tensor) -> torch.Tensor:
     parts = flatten_subclasses([x])  # torchao's weights: their inner tensors
-    values = [p if p.is_floating_point() and p.element_size() >= 2 else p.to(torch.float64) for p in parts]
-    values = [torch.view_as_real(v) if v.is_complex() else v for v in values]
+    values = [torch.view_as_real(p) if p.is_complex() else p for p in parts]  # both halves count
+    values = [v if v.is_floating_point() and v.element_size() >= 2 else v.to(torch.float64) for v in values]
     return torch.stack(
         [sum(v.sum(dtype=torch.float64) for v in values), sum(v.abs().sum(dtype=torch.float64) for v in values)]
     )
