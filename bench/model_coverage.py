@@ -22,6 +22,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -135,6 +136,7 @@ def table(results: dict) -> str:
         rows = [per_batch.get(b, {"error": "not run"}) for b in ("1", "2")]
         cls = next((r["class"] for r in rows if "class" in r), name)
         why = next((_why(r) for r in rows if verdict(r) not in ("split", "-")), "")
+        why = re.sub(r"(diffusers/[\w/]+)\.py:(\d+)", lambda m: f"{m[1].replace('/', '.')} line {m[2]}", why)  # a module, not a repository path
         lines.append(f"| {cls} | {verdict(rows[0])} | {verdict(rows[1])} | {why[:160].replace('|', '/')} |")
     return "\n".join(lines)
 
