@@ -165,7 +165,7 @@ def with_inductor_settings(options: Options, mode: str | None, settings: dict | 
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable[..., Any]:
-    _warn_at_recompile_limit(gm)
+    _warn_at_recompile_limit()
     scalars = scalar_reads(gm, example_inputs)
     if scalars or _is_dynamic(gm, example_inputs):
         log.info("para_fx: symbolic sizes or inputs read as numbers; compiling one graph per shape and value")
@@ -180,7 +180,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     return with_input_check(compiled, names, ranks, check_mode(options.check_inputs), options.check_timeout)
 
 
-def _warn_at_recompile_limit(gm: fx.GraphModule) -> None:
+def _warn_at_recompile_limit() -> None:
     """Dynamo runs a frame eagerly once it has compiled it ``recompile_limit`` times: on a mesh
     that is every rank computing the whole model, correct but no faster. Say so at the last
     compile Dynamo allows, before it happens (with ``dynamic=False`` each new shape is a compile)."""
@@ -188,9 +188,8 @@ def _warn_at_recompile_limit(gm: fx.GraphModule) -> None:
     limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
     if compile_id is None or compile_id.frame_compile_id is None or compile_id.frame_compile_id + 1 != limit:
         return
-    code = gm.meta.get("dynamo_compile_id", compile_id)
     warnings.warn(
-        f"para_fx: graph {code} is the last compile of its frame that torch._dynamo.config.recompile_limit "
+        f"para_fx: graph {compile_id} is the last compile of its frame that torch._dynamo.config.recompile_limit "
         f"({limit}) allows; a further new input shape or guard failure runs the frame eagerly: whole and "
         f"unsharded on every rank, without para's passes. Raise the limit, or compile with dynamic=None "
         f"(para then compiles one static graph per shape itself, with no such limit).",

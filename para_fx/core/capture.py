@@ -127,7 +127,7 @@ def _to_fake(mode: FakeTensorMode, x: Any) -> Any:
 def flatten_subclasses(values: Sequence[Any]) -> list[Any]:
     """``values`` with every traceable tensor subclass replaced by its inner tensors (recursively),
     in ``__tensor_flatten__`` order: the inputs of a graph captured from subclass inputs."""
-    return [part for value in values for part in _flatten(value)[0]]
+    return [part for value in values for part in _inner_tensors(value, [])]
 
 
 class SubclassFlattener:
