@@ -65,9 +65,8 @@ def pytest_sessionfinish(session):
 
 def pytest_terminal_summary(terminalreporter):
     """The spawns' slowest cases: --durations charges a whole spawn to the test that started it."""
-    import ranks
-
-    if ranks.SECONDS:
+    ranks = sys.modules.get("ranks")  # imported by the numeric tier's tests only
+    if ranks is not None and ranks.SECONDS:
         terminalreporter.section("slowest cases on spawned ranks (rank 0: wall, CPU)")
         for world in sorted({world for world, _ in ranks.SECONDS}):
             times = [seconds for (w, _), seconds in ranks.SECONDS.items() if w == world]

@@ -2,10 +2,13 @@
 single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is unchanged; run it with
 
     python -m pytest -q -m gpu tests/test_gpu.py
+
+``GPU_TIER_RESULTS=path.json`` keeps the worker's results (errors, noise, collectives per model).
 """
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -22,7 +25,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_worker.py
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu") / "results.json"
+    kept = os.environ.get("GPU_TIER_RESULTS")
+    out = pathlib.Path(kept) if kept else tmp_path_factory.mktemp("gpu") / "results.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", WORKER, str(out)]
     subprocess.run(command, check=True, timeout=1200)
     return json.loads(out.read_text())
