@@ -21,6 +21,7 @@ first, when the tests first wait for a result: no spawn idles while the parent w
 from __future__ import annotations
 
 import datetime
+import gc
 import io
 import os
 import queue
@@ -170,6 +171,7 @@ def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -
         finally:
             dist.destroy_process_group()
             torch._dynamo.reset()
+            gc.collect()  # the case's meshes and their groups: each group's transport threads poll until freed
         messages.put((rank, name, ok, payload, (time.perf_counter() - wall, time.process_time() - cpu)))
     store.set(f"finished{rank}", "1")
     if rank == 0:  # rank 0 holds the store: it leaves last

@@ -1,15 +1,18 @@
 """The para backend on one process, its registration, and the mesh constructor's errors."""
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 
 import pytest
 import torch
 
 import para_fx
+from para_fx.inspect.explain import simulated_mesh
 from para_fx.testing import dits
 from para_fx.testing.dits import joint_dit, patch_dit
 import ranks
@@ -124,6 +127,21 @@ def test_init_mesh_without_process_group():
         para_fx.init_mesh(ulysses=2)
     with pytest.raises(ValueError, match="positive int"):
         para_fx.init_mesh(ring=0)
+
+
+def test_a_compiled_model_does_not_keep_its_mesh_alive():
+    """Each process group polls its transport on threads of its own until it is freed: a mesh that
+    para-fx kept after the model and the user let go of it would leak them (a server that builds
+    meshes per request, or many models in one process)."""
+    model, kwargs = joint_dit()
+    with simulated_mesh(2, ring=2) as mesh:
+        with torch.no_grad():
+            torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))(**kwargs)
+        freed = weakref.ref(mesh)
+        del mesh
+    torch._dynamo.reset()
+    gc.collect()
+    assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
 
 
 def mesh_shapes_and_errors():

@@ -146,19 +146,25 @@ def test_batch_parallel_only_gathers_outputs():
 
 
 def compiled_error(mesh_shape, name):
-    """On one rank: max abs error of the model compiled with the para backend against eager."""
+    """On one rank: max abs error of the model compiled with the para backend against eager. The
+    sharded graph runs as the passes leave it (``compiler="eager"``): these cases check the passes'
+    arithmetic; AOTAutograd and Inductor on the sharded graphs run in the pipelines, the examples
+    and the GPU tier."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
     model, kwargs = model_and_inputs(name)
     with torch.no_grad():
         expected = first_tensor(model(**kwargs))
-        compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager"))
+        compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
         return (first_tensor(compiled(**kwargs)) - expected).abs().max().item()
 
 
-# FLUX on Ulysses 2 against eager on 2 ranks, at the same tolerance, is what examples/demo.py
-# checks through aot_eager (tests/test_quiet.py) and examples/usage.py through Inductor
-# (tests/test_readme.py): not run a third time here.
-NUMERIC_CASES = [case for case in CASES if case != ((1, 1, 2), "flux")]
+# Outputs checked elsewhere, not run again here: FLUX on Ulysses 2 (examples/demo.py through
+# aot_eager, tests/test_quiet.py; examples/usage.py through Inductor, tests/test_readme.py); FLUX on
+# the hybrid 1x2x2 mesh (every step of a cached trajectory against one process, tests/test_cache.py).
+# SD3 and CogVideoX on 1x2x2 join text and image tokens as joint_dit does, which runs there: their
+# structure on that mesh is checked in-process above, their outputs on Ulysses 2.
+ELSEWHERE = {((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "sd3"), ((1, 2, 2), "cogvideox")}
+NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE]
 for _mesh_shape, _name in NUMERIC_CASES:
     ranks.add(world_of(_mesh_shape), f"shard {case_id(_mesh_shape)} {_name}", compiled_error, _mesh_shape, _name)
 

@@ -9,6 +9,7 @@ The batch dim splits dim 0 (classifier-free guidance batches). Everything downst
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -102,13 +103,16 @@ class MeshInfo:
         return self.batch * self.seq
 
 
-_INFO_CACHE: dict[int, tuple[DeviceMesh, MeshInfo]] = {}
+# id(mesh) -> (a weak reference to the mesh, its info). Weak: a strong one would keep every mesh
+# and its process groups (each with its own transport threads) alive after the user let go of it.
+# By id, not by the mesh: meshes of equal shape compare equal, yet hold different groups.
+_INFO_CACHE: dict[int, tuple[weakref.ref, MeshInfo]] = {}
 
 
 def mesh_info(mesh: DeviceMesh) -> MeshInfo:
     """Read (once per mesh; collective on first use) the plain data of a para-fx mesh."""
     cached = _INFO_CACHE.get(id(mesh))
-    if cached is not None and cached[0] is mesh:
+    if cached is not None and cached[0]() is mesh:
         return cached[1]
     names = tuple(mesh.mesh_dim_names or ())
     if names != MESH_DIMS:
@@ -130,7 +134,8 @@ def mesh_info(mesh: DeviceMesh) -> MeshInfo:
         *(groups[n] for n in names),
         seq_group,
     )
-    _INFO_CACHE[id(mesh)] = (mesh, info)
+    _INFO_CACHE[id(mesh)] = (weakref.ref(mesh), info)
+    weakref.finalize(mesh, _INFO_CACHE.pop, id(mesh), None)
     return info
 
 
