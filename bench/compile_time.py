@@ -12,7 +12,8 @@ job starts empty and the warm job reuses. A shared-blocks job also times its fir
 second resolution (768 px): what a resolution change costs (for the whole graph it is, by design,
 a full compile, so it is not timed there). Results merge into
 ``bench/results/compile_time.json``, per world size: ``compile_s: {whole_cold, shared_cold,
-shared_warm, ...}``, ``ms_per_step: {whole, shared}``, ``resolution_change_s: {...}``.
+shared_warm, ...}``, ``ms_per_step: {whole, shared}``, ``resolution_change_s: {...}`` and
+``phases_s``: rank 0's first call by step (capture, each pass, the inner compiler, and Dynamo).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def child(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import para_fx
+    from para_fx.core.backend import recording
 
     dist.init_process_group(args.backend)
     device = torch.device("cpu")
@@ -69,15 +71,18 @@ def child(args: argparse.Namespace) -> None:
         def step(kwargs):
             return compiled(**kwargs)
 
-        compile_s = harness.first_call_seconds(step, inputs[0], device)
+        with recording() as report:  # where the first call's time goes, step by step
+            compile_s = harness.first_call_seconds(step, inputs[0], device)
         ms = harness.median(harness.step_times_ms(step, inputs, device, args.warmup, args.iters))
         change_s = harness.first_call_seconds(step, second[0], device) if args.variant == "shared" else 0.0
     slowest = torch.tensor([compile_s, ms, change_s], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         compile_s, ms, change_s = slowest.tolist()
+        phases = {name: round(seconds, 2) for name, seconds in report.compile_seconds().items()}
+        phases["dynamo and the rest"] = round(compile_s - sum(phases.values()), 2)
         with open(args.fragment, "w") as f:
-            json.dump({"compile_s": compile_s, "ms": ms, "resolution_change_s": change_s}, f)
+            json.dump({"compile_s": compile_s, "ms": ms, "resolution_change_s": change_s, "phases_s": phases}, f)
     dist.destroy_process_group()
 
 
@@ -142,6 +147,7 @@ def main() -> int:
         if variant == "shared":
             row.setdefault("resolution_change_s", {})[f"{variant}_{temperature}"] = round(measured["resolution_change_s"], 2)
         row.setdefault("ms_per_step_by_run", {})[f"{variant}_{temperature}"] = round(measured["ms"], 3)
+        row.setdefault("phases_s", {})[f"{variant}_{temperature}"] = measured["phases_s"]  # rank 0's
         if temperature == "cold":
             row.setdefault("ms_per_step", {})[variant] = round(measured["ms"], 3)
         results.put(None, world, row)

@@ -4,6 +4,7 @@ import inspect
 import re
 import shutil
 import subprocess
+import time
 
 import expecttest
 import pytest
@@ -282,6 +283,19 @@ def test_explain_asks_for_world_size_without_process_group():
     model, kwargs = tiny_dit()
     with pytest.raises(ValueError, match="world_size"):
         para_fx.explain(model, kwargs=kwargs, ulysses=2)
+
+
+def test_compile_seconds_name_each_step_and_stay_out_of_the_text():
+    model, kwargs = tiny_dit()
+    torch._dynamo.reset()
+    started = time.perf_counter()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ulysses=2)
+    wall = time.perf_counter() - started
+    seconds = report.compile_seconds()
+    assert set(seconds) == {"captured", "shard_seq", "inner compiler"}, seconds
+    assert all(s >= 0 for s in seconds.values()) and seconds["captured"] > 0 and seconds["shard_seq"] > 0
+    assert sum(seconds.values()) < wall  # Dynamo's tracing comes on top
+    assert "seconds" not in str(report)  # the text compares equal between runs and ranks
 
 
 def test_graph_inputs_carry_the_models_names():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -245,7 +246,10 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     for recorder in _RECORDERS:
         recorder.extend(report)
     mark_static_inputs(graph, gm, static)
+    started = time.perf_counter()
     compiled = _inner_compile(graph, flat_inputs, options)
+    if report.compiled:  # shared with the recorders' reports, which see the time too
+        report.compiled[-1].inner_compile_seconds = time.perf_counter() - started
     if fused is not None:
         compiled = fused.calling(compiled, user_inputs)
     if subclass_inputs:

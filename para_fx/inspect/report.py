@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class PassGraph:
     code: str  # GraphModule.code
     rows: list[NodeRow]
     flops: int
+    seconds: float = 0.0  # wall time since the graph before it (the capture, for "captured"): the pass's cost
 
 
 @dataclasses.dataclass
@@ -67,6 +69,7 @@ class CompiledGraph:
 
     name: str
     passes: list[PassGraph] = dataclasses.field(default_factory=list)
+    inner_compile_seconds: float | None = None  # the inner compiler's (Inductor's) share of the compile
 
 
 @dataclasses.dataclass
@@ -148,13 +151,15 @@ class Report:
     compiled: list[CompiledGraph] = dataclasses.field(default_factory=list)
     world_size: int = 1  # ranks the mesh spans (set by explain): what the FLOPs estimate divides by
     context: RunContext | None = None  # the model, mesh, inputs and versions (set by explain)
+    _clock: float = dataclasses.field(default_factory=time.perf_counter, repr=False)  # when the last graph was recorded
 
     def add_graph(self, name: str, graph: fx.GraphModule) -> None:
         """Record the graph after the pass ``name``; dump it when ``PARA_FX_DUMP_DIR`` is set."""
         if not self.compiled:
             self.compiled.append(CompiledGraph(dump.next_graph_name()))
         record = self.compiled[-1]
-        step = PassGraph(name, graph.code, dump.node_rows(graph), graph_flops(graph))
+        now = time.perf_counter()
+        step = PassGraph(name, graph.code, dump.node_rows(graph), graph_flops(graph), seconds=now - self._clock)
         previous = record.passes[-1] if record.passes else None
         record.passes.append(step)
         self.graphs[name] = step.code
@@ -172,6 +177,7 @@ class Report:
         if folder is not None:
             before = (previous.name, previous.rows) if previous else None
             dump.write_pass(folder, record.name, len(record.passes) - 1, name, step.rows, before)
+        self._clock = time.perf_counter()
 
     def extend(self, other: "Report") -> None:
         offset = len(self.attention_sites)
@@ -187,6 +193,18 @@ class Report:
         prefix = f"graph{self.graph_count}_" if self.graph_count else ""
         self.graphs.update({prefix + k: v for k, v in other.graphs.items()})
         self.graph_count += other.graph_count
+
+    def compile_seconds(self) -> dict[str, float]:
+        """Wall seconds of each step of the backend's compiles, summed over the graphs: the capture
+        ("captured"), each pass, and the inner compiler. What is missing from a first call's time
+        is Dynamo's own (bytecode tracing, guards). Not part of ``str(report)``: it varies by run."""
+        seconds: dict[str, float] = {}
+        for record in self.compiled:
+            for step in record.passes:
+                seconds[step.name] = seconds.get(step.name, 0.0) + step.seconds
+            if record.inner_compile_seconds is not None:
+                seconds["inner compiler"] = seconds.get("inner compiler", 0.0) + record.inner_compile_seconds
+        return seconds
 
     # -- the graphs --------------------------------------------------------------------------
 
