@@ -111,6 +111,21 @@ def test_zoo_self_attention_is_context_parallel_at_batch_two(name):
     assert_blocks_context_parallel(name, (1, 1, 2), batch=2)
 
 
+def test_linear_attention_runs_on_split_tokens_with_one_all_reduce():
+    """Linear attention sums over the tokens in one matmul (keys against values padded with ones):
+    on split tokens that sum is partial on every rank, and one all-reduce of its small
+    [B, H, Dh, Dh + 1] result is the block's whole exchange; no gather of the tokens."""
+    model, kwargs = model_and_inputs("linear_attention_dit")
+    torch._dynamo.reset()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    torch._dynamo.reset()
+    assert report.graph_count == 1
+    assert [s.module for s in report.attention_sites] == ["blocks.0.attn"]  # the softmax block
+    in_linear_block = [(c.kind, c.bytes) for c in report.collectives if c.module.startswith("blocks.1.")]
+    assert in_linear_block == [("all_reduce", 2 * 4 * 16 * 17 * 4)], in_linear_block  # fp32 [B, H, Dh, Dh + 1]
+    assert not [f for f in report.fallbacks if "blocks." in f.module], report.fallbacks
+
+
 def test_demand_splits_flattened_rows_by_sequence_not_by_batch():
     """[B*S, D] rows flow into [B, S, H, Dh] queries: the rows are demanded split by sequence
     within each sample (((S, 1),) * B); a plain split of B*S would be the batch halves."""
@@ -164,7 +179,7 @@ def compiled_error(mesh_shape, name):
 # SD3 and CogVideoX on 1x2x2 join text and image tokens as joint_dit does, which runs there: their
 # structure on that mesh is checked in-process above, their outputs on Ulysses 2.
 ELSEWHERE = {((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "sd3"), ((1, 2, 2), "cogvideox")}
-NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE]
+NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE] + [((1, 1, 2), "linear_attention_dit")]
 for _mesh_shape, _name in NUMERIC_CASES:
     ranks.add(world_of(_mesh_shape), f"shard {case_id(_mesh_shape)} {_name}", compiled_error, _mesh_shape, _name)
 

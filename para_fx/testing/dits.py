@@ -499,8 +499,40 @@ def fp8_patch_dit(seed: int = 0, **kwargs):
     return model, inputs
 
 
+class LinearAttention(nn.Module):
+    """ReLU linear attention, as Sana writes it: relu(q) (relu(k)^T v) / (relu(q) relu(k)^T 1), linear
+    in the tokens. v gains a column of ones, so one matmul sums both the values and the keys over
+    every token (numerator and normaliser); split over the tokens, that sum is the one exchange."""
+
+    def __init__(self, attention: SelfAttention, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps = attention.num_heads, attention.head_dim, eps
+        self.qkv, self.proj = attention.qkv, attention.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = F.relu(q), F.relu(k)
+        v = F.pad(v, (0, 1), value=1.0)  # [B, H, S, Dh + 1]
+        kv = k.transpose(-1, -2) @ v  # [B, H, Dh, Dh + 1]: a sum over the tokens
+        out = q @ kv
+        out = out[..., :-1] / (out[..., -1:] + self.eps)
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+def linear_attention_dit(seed: int = 0, **kwargs):
+    """PatchDiT whose attention is linear (:class:`LinearAttention`) after the first block. The
+    first keeps softmax attention: an attention call is what asks for the tokens to be split (as
+    Sana's cross-attention to the text does), and the linear blocks then run on the split tokens."""
+    model, inputs = patch_dit(seed, **kwargs)
+    for block in model.blocks[1:]:
+        block.attn = LinearAttention(block.attn)
+    return model, inputs
+
+
 FACTORIES = {
     "patch_dit": patch_dit,
+    "linear_attention_dit": linear_attention_dit,
     "joint_dit": joint_dit,
     "fp8_patch_dit": fp8_patch_dit,
     "row_dit": row_dit,
