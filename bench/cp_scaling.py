@@ -75,9 +75,9 @@ class Job:
         self.errors: dict[str, str] = {}
 
     def measure(self, key: str, prepare) -> None:
+        """``prepare()`` -> a compiled step; times it on every rank, keeps the slowest rank's median."""
         if self.args.meshes and key.split("/")[2] not in self.args.meshes:
             return
-        """``prepare()`` -> a compiled step; times it on every rank, keeps the slowest rank's median."""
         try:
             harness.free_memory()
             step, inputs = prepare()
