@@ -120,6 +120,10 @@ def test_wrapping_the_adapted_transformer_in_torch_compile_is_refused():
         pipe(**kwargs)
 
 
+# The passes' graphs run as they are: these cases check the adapters' numbers; the same pipelines
+# run through AOTAutograd (aot_eager, --tiny's default) as examples (tests/test_examples.py).
+COMPILER = "eager"
+
 # Mesh limits per pipeline, so that 2 ranks cover Ulysses, Ring and CFG batch parallelism.
 MESHES = {
     "flux": ({}, (1, 1, 2)),
@@ -137,7 +141,7 @@ def single_process(name):
     pipe, kwargs = tiny_pipelines.BUILDERS[name](steps=STEPS)
     expected = generate(pipe, kwargs)
     single = tiny_pipelines.BUILDERS[name](steps=STEPS)[0]
-    apply_cache_on_pipe(single, compiler="aot_eager", **CACHE)
+    apply_cache_on_pipe(single, compiler=COMPILER, **CACHE)
     expected_cached = generate(single, kwargs)
     torch._dynamo.reset()
     return expected, expected_cached, dataclasses.asdict(last_cache_stats(single))
@@ -149,7 +153,7 @@ def run_pipeline(name, reference):
     pipe, kwargs = tiny_pipelines.BUILDERS[name](steps=STEPS)
     limits, _ = MESHES[name]
     mesh = init_context_parallel_mesh(**limits)
-    parallelize_pipe(pipe, mesh, compiler="aot_eager")
+    parallelize_pipe(pipe, mesh, compiler=COMPILER)
     parallel = generate(pipe, kwargs)
     apply_cache_on_pipe(pipe, **CACHE)
     cached = generate(pipe, kwargs)
@@ -164,7 +168,7 @@ def run_pipeline(name, reference):
     if name == "wan":  # the cache first, then parallelism: the same result
         other = tiny_pipelines.wan(steps=STEPS)[0]
         apply_cache_on_pipe(other, **CACHE)
-        parallelize_pipe(other, mesh, compiler="aot_eager")
+        parallelize_pipe(other, mesh, compiler=COMPILER)
         result["cache_first_error"] = max_error(generate(other, kwargs), cached)
     if name == "flux":
         result.update(default_call_behaviour(pipe, kwargs, mesh, cached))
