@@ -248,8 +248,8 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     mark_static_inputs(graph, gm, static)
     started = time.perf_counter()
     compiled = _inner_compile(graph, flat_inputs, options)
-    if report.compiled:  # shared with the recorders' reports, which see the time too
-        report.compiled[-1].inner_compile_seconds = time.perf_counter() - started
+    # run_passes recorded at least the captured graph; the record is shared with the recorders' reports
+    report.compiled[-1].inner_compile_seconds = time.perf_counter() - started
     if fused is not None:
         compiled = fused.calling(compiled, user_inputs)
     if subclass_inputs:

@@ -60,7 +60,8 @@ class PassGraph:
     code: str  # GraphModule.code
     rows: list[NodeRow]
     flops: int
-    seconds: float = 0.0  # wall time since the graph before it (the capture, for "captured"): the pass's cost
+    # wall time since the graph before it (the capture, for "captured"): the pass's cost
+    seconds: float = dataclasses.field(default=0.0, compare=False)
 
 
 @dataclasses.dataclass
@@ -69,7 +70,8 @@ class CompiledGraph:
 
     name: str
     passes: list[PassGraph] = dataclasses.field(default_factory=list)
-    inner_compile_seconds: float | None = None  # the inner compiler's (Inductor's) share of the compile
+    # the inner compiler's (Inductor's) share of the compile
+    inner_compile_seconds: float | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -151,7 +153,8 @@ class Report:
     compiled: list[CompiledGraph] = dataclasses.field(default_factory=list)
     world_size: int = 1  # ranks the mesh spans (set by explain): what the FLOPs estimate divides by
     context: RunContext | None = None  # the model, mesh, inputs and versions (set by explain)
-    _clock: float = dataclasses.field(default_factory=time.perf_counter, repr=False)  # when the last graph was recorded
+    # when the last graph was recorded: what the next one's seconds count from
+    _clock: float = dataclasses.field(default_factory=time.perf_counter, repr=False, compare=False)
 
     def add_graph(self, name: str, graph: fx.GraphModule) -> None:
         """Record the graph after the pass ``name``; dump it when ``PARA_FX_DUMP_DIR`` is set."""
