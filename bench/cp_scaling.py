@@ -230,12 +230,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="para with schedule_collectives=True: rows labelled para+schedule_collectives")
     parser.add_argument("--shared-blocks", action="store_true",
                         help="para with shared_blocks=True (each distinct block compiled once): rows labelled para+shared_blocks")
+    parser.add_argument("--ring-kv", choices=("pass", "gather"), default="pass",
+                        help="para with ring_kv=...: rows other than pass labelled para+ring_kv_gather")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.para_options = {name: True for name in ("fuse_projections", "schedule_collectives", "shared_blocks") if getattr(args, name)}
-    args.para_label = "+".join(["para", *args.para_options])
+    if args.ring_kv != "pass":
+        args.para_options["ring_kv"] = args.ring_kv
+    args.para_label = "+".join(["para", *(name if value is True else f"{name}_{value}" for name, value in args.para_options.items())])
     args.meshes = [m.strip() for m in args.meshes.split(",") if m.strip()] if args.meshes else []
     args.no_overlap = [m.strip() for m in args.no_overlap.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)

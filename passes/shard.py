@@ -41,6 +41,7 @@ class ShardSpec:
     kind: str  # "seq" or "batch"
     group: Group
     info: MeshInfo
+    ring_kv: str = "pass"  # how Ring brings keys/values: "pass" or "gather" (runtime/attention.py)
 
     @property
     def attention_dim(self) -> int:
@@ -314,7 +315,7 @@ class _Emitter:
             tuple(args),
             node,
             dict(info=dataclasses.astuple(self.spec.info), q_layout=d.inputs[q].layout, kv_layout=d.inputs[k].layout,
-                 scale=scale, causal=a["is_causal"]),
+                 scale=scale, causal=a["is_causal"], ring_kv=self.spec.ring_kv),
         )
         mark(out, para_site=self.site_index[node])
         out = self.moves.restride(out, node, node)
@@ -324,10 +325,11 @@ class _Emitter:
         self.placements[node] = d.out
 
 
-def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal):
+def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal, ring_kv):
     """The graph's call into :func:`sharded_attention` (mesh info travels as a plain tuple)."""
     return sharded_attention(
-        q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale, causal=causal
+        q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale, causal=causal,
+        ring_kv=ring_kv,
     )
 
 

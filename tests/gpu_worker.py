@@ -1,5 +1,6 @@
 """The GPU tier's worker, one process per GPU under torchrun: every seed model in bf16 on
-Ulysses and Ring over the whole world (NCCL, aot_eager), against single-GPU eager.
+Ulysses and Ring over the whole world (NCCL, aot_eager), Ring also with gathered keys/values
+(``ring_kv="gather"``), against single-GPU eager.
 
     torchrun --nproc_per_node=2 tests/gpu_worker.py OUT.json [model ...]
 
@@ -21,6 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import para_fx  # noqa: E402
+from para_fx.core.backend import recording  # noqa: E402
 from para_fx.adapters.traceable import make_traceable  # noqa: E402
 from para_fx.testing import dits, zoo  # noqa: E402
 
@@ -62,14 +64,13 @@ def check_model(name: str, device: torch.device) -> dict:
         expected = dits.first_tensor(model(**kwargs))
         with sdpa_kernel(SDPBackend.MATH):
             result["noise"] = relative_error(dits.first_tensor(model(**kwargs)), expected)
-        for ring, ulysses in ((1, world), (world, 1)):
+        for ring, ulysses, ring_kv in ((1, world, "pass"), (world, 1, "pass"), (world, 1, "gather")):
             mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager"))
-            error = relative_error(dits.first_tensor(compiled(**kwargs)), expected)
-            torch._dynamo.reset()
-            report = para_fx.explain(model, kwargs=kwargs, mesh=mesh)
-            result[f"ring{ring}_ulysses{ulysses}"] = dict(
+            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager", ring_kv=ring_kv))
+            with recording() as report:
+                error = relative_error(dits.first_tensor(compiled(**kwargs)), expected)
+            result[f"ring{ring}_ulysses{ulysses}" + ("_gather" if ring_kv == "gather" else "")] = dict(
                 rel_err=error,
                 graphs=report.graph_count,
                 fallbacks_in_blocks=[f"{f.module}: {f.op} ({f.reason})" for f in report.fallbacks if "blocks." in f.module],

@@ -46,7 +46,7 @@ def shard(x, mesh_shape, coords, seq_dim=2):
     return torch.tensor_split(x, ring * ulysses, dim=seq_dim)[r * ulysses + u]
 
 
-def attention_errors(mesh_shape, cases, compiler=None):
+def attention_errors(mesh_shape, cases, compiler=None, ring_kv="pass"):
     """On one rank: the max abs error of each case against this rank's shard of full SDPA."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
     coords = tuple(mesh.get_local_rank(d) for d in ("batch", "ring", "ulysses"))
@@ -63,7 +63,7 @@ def attention_errors(mesh_shape, cases, compiler=None):
         )
         out = attend(
             shard(q, mesh_shape, coords), kv_shard(k), kv_shard(v),
-            mesh=mesh, attn_mask=mask, kv_replicated=replicated,
+            mesh=mesh, attn_mask=mask, kv_replicated=replicated, ring_kv=ring_kv,
         )
         assert out.shape == expected.shape, (out.shape, expected.shape)
         errors.append((out - expected).abs().max().item() if out.numel() else 0.0)
@@ -73,6 +73,10 @@ def attention_errors(mesh_shape, cases, compiler=None):
 MESH_CASES = [(world, mesh_shape) for world, shapes in MESHES.items() for mesh_shape in shapes]
 for _world, _mesh_shape in MESH_CASES:
     ranks.add(_world, f"attention {'x'.join(map(str, _mesh_shape))}", attention_errors, _mesh_shape, CASES)
+GATHER_CASES = [(world, mesh_shape) for world, mesh_shape in MESH_CASES if mesh_shape[1] > 1]
+for _world, _mesh_shape in GATHER_CASES:
+    ranks.add(_world, f"attention gather {'x'.join(map(str, _mesh_shape))}", attention_errors, _mesh_shape, CASES, None,
+              "gather")
 
 
 @pytest.mark.ranks
@@ -82,6 +86,16 @@ def test_every_mesh_matches_full_sdpa(world, mesh_shape):
     for rank, errors in enumerate(per_rank):
         assert len(errors) == len(CASES)
         for case, err in zip(CASES, errors):
+            assert err <= 1e-5, f"mesh {mesh_shape} rank {rank} case {case}: max abs error {err}"
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("world, mesh_shape", GATHER_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_gathered_ring_matches_full_sdpa(world, mesh_shape):
+    """``ring_kv="gather"``: every block gathered and attended at once, the heads in two chunks."""
+    per_rank = ranks.result(world, f"attention gather {'x'.join(map(str, mesh_shape))}")
+    for rank, errors in enumerate(per_rank):
+        for case, err in zip(CASES, errors, strict=True):
             assert err <= 1e-5, f"mesh {mesh_shape} rank {rank} case {case}: max abs error {err}"
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import para_fx
+from para_fx.core.backend import recording
 from para_fx.inspect.explain import simulated_mesh
 from para_fx.testing import dits
 from para_fx.testing.dits import joint_dit, patch_dit
@@ -142,6 +143,35 @@ def test_a_compiled_model_does_not_keep_its_mesh_alive():
     torch._dynamo.reset()
     gc.collect()
     assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
+
+
+def test_ring_kv_gather_gathers_keys_and_values_at_every_ring_site():
+    model, kwargs = joint_dit()
+    torch._dynamo.reset()
+    with simulated_mesh(2, ring=2) as mesh, torch.no_grad(), recording() as report:
+        torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager", ring_kv="gather"))(**kwargs)
+    transports = [{c.kind for c in report.site_collectives(i)} for i in range(len(report.attention_sites))]
+    assert transports and all(kinds == {"all_gather_into_tensor"} for kinds in transports), transports
+    with pytest.raises(ValueError, match="ring_kv must be one of"):
+        para_fx.backend(ring_kv="scatter")
+
+
+def ring_kv_gather_error():
+    """joint_dit on Ring 2 with gathered keys/values, against one process."""
+    model, kwargs = joint_dit()
+    with torch.no_grad():
+        expected = model(**kwargs)
+        mesh = para_fx.init_mesh(ring=2)
+        out = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager", ring_kv="gather"))(**kwargs)
+    return (out - expected).abs().max().item()
+
+
+ranks.add(2, "backend ring_kv gather", ring_kv_gather_error)
+
+
+@pytest.mark.ranks
+def test_ring_kv_gather_matches_one_process():
+    assert max(ranks.result(2, "backend ring_kv gather")) <= 1e-5
 
 
 def mesh_shapes_and_errors():

@@ -1,5 +1,6 @@
-"""The GPU tier: every seed model on 2 GPUs (NCCL, bf16), Ulysses 2 and Ring 2, against
-single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is unchanged; run it with
+"""The GPU tier: every seed model on 2 GPUs (NCCL, bf16), Ulysses 2 and Ring 2 (keys/values
+passed, and gathered), against single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is
+unchanged; run it with
 
     python -m pytest -q -m gpu tests/test_gpu.py
 
@@ -36,7 +37,7 @@ MODELS = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_di
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("mesh", ["ring1_ulysses2", "ring2_ulysses1"])
+@pytest.mark.parametrize("mesh", ["ring1_ulysses2", "ring2_ulysses1", "ring2_ulysses1_gather"])
 def test_model_on_two_gpus_matches_eager(results, name, mesh):
     result = results[name]
     assert "error" not in result, result.get("error")

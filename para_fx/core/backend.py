@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .agreement import check_mode, with_input_check
 from .cache import FirstBlockCache
+from ..runtime.attention import RING_KV
 from ..runtime.cache import CachedGraph
 from .capture import SubclassFlattener, capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
@@ -52,6 +53,7 @@ class Options:
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
+    ring_kv: str = "pass"  # how Ring brings the other ranks' keys/values (runtime/attention.py)
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
     static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -85,6 +87,7 @@ def backend(
     fuse_projections: bool = False,
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
+    ring_kv: str = "pass",
 ) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
@@ -102,12 +105,19 @@ def backend(
     ``schedule_collectives``: work that no transfer needs moved behind each collective's start
     (:mod:`para_fx.passes.schedule`).
 
+    ``ring_kv``: how Ring attention brings the other ranks' keys/values: "pass" them round the
+    ring, one block per step while the current one computes (memory for two blocks), or "gather"
+    them all at once, each attention one kernel with no merge of partial results (memory for
+    every block) (:func:`para_fx.runtime.attention.sharded_attention`).
+
     ``shared_blocks`` (experimental, off until a GPU run measures it): each transformer block
     becomes a call of one ``invoke_subgraph`` per distinct block, so Inductor compiles FLUX's 57
     blocks as two (:mod:`para_fx.passes.shared_blocks`). Not applied together with ``cache`` yet:
     the cached blocks sit inside the ``torch.cond``.
     """
     check_mode(check_inputs)
+    if ring_kv not in RING_KV:
+        raise ValueError(f"para_fx.backend: ring_kv must be one of {RING_KV}, got {ring_kv!r}")
     if compiler not in COMPILERS:
         raise ValueError(f"para_fx.backend: compiler must be one of {COMPILERS}, got {compiler!r}")
     if mesh is not None:
@@ -120,7 +130,7 @@ def backend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
             fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
-            shared_blocks=shared_blocks,
+            shared_blocks=shared_blocks, ring_kv=ring_kv,
         )
     )
 
@@ -282,7 +292,7 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
         ("seq", info.seq, info.seq_rank, info.seq_group),
     ):
         if parts > 1:
-            spec = ShardSpec(kind, Group(parts, rank, group), info)
+            spec = ShardSpec(kind, Group(parts, rank, group), info, options.ring_kv)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
             report.add_graph(f"shard_{kind}", graph)
     if options.schedule_collectives and overlap_collectives(graph):

@@ -39,6 +39,7 @@ def context_parallel_attention(
     query_len: int | None = None,
     kv_len: int | None = None,
     is_causal: bool = False,
+    ring_kv: str = "pass",
 ) -> torch.Tensor:
     """This rank's shard of ``scaled_dot_product_attention`` over the whole sequence.
 
@@ -52,6 +53,8 @@ def context_parallel_attention(
     caller changes lengths between calls, so every rank's graph agrees on them.
     ``is_causal``: query i attends to keys 0..i by global position, as SDPA's ``is_causal``.
     Key/value may have fewer heads than the query (grouped-query attention, SDPA's ``enable_gqa``).
+    ``ring_kv``: "pass" or "gather", how Ring brings the other ranks' keys/values (see
+    :func:`sharded_attention`).
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError("context_parallel_attention expects [B, H, S, D] query, key and value")
@@ -82,7 +85,7 @@ def context_parallel_attention(
     bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
     out = sharded_attention(
         query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale,
-        causal=is_causal,
+        causal=is_causal, ring_kv=ring_kv,
     )
     if isinstance(out, funcol.AsyncCollectiveTensor):  # eager: finish the transfer before the caller
         out = out.wait()  # sees it (torch.save, all_gather_object and .numpy() read memory as it is)
@@ -148,6 +151,7 @@ def sharded_attention(
     bias: torch.Tensor | None,
     scale: float,
     causal: bool = False,
+    ring_kv: str = "pass",
 ) -> torch.Tensor:
     """Ulysses over the "ulysses" dim, then Ring over the "ring" dim.
 
@@ -157,8 +161,14 @@ def sharded_attention(
     at global position i sees the keys at global positions <= i (SDPA's ``is_causal``). Key/value
     may have fewer heads than the query (grouped-query attention, query head h using key/value head
     ``h // (H / H_kv)``): Ulysses gives each rank the key/value heads its query heads use, and Ring
-    passes those on.
+    passes those on. ``ring_kv``: how Ring brings the other groups' keys/values: "pass" them round
+    the ring, one block per step while the current one computes, merging partial outputs by their
+    log-sum-exp; or "gather" them all at once and attend in one kernel per head chunk, the second
+    chunk's transfer hidden behind the first chunk's attention (no merge, longer kernels; memory for
+    every block; causal attention always passes).
     """
+    if ring_kv not in RING_KV:
+        raise ValueError(f"sharded_attention: ring_kv must be one of {RING_KV}, got {ring_kv!r}")
     heads = q.shape[1]
     n, u = info.seq, info.ulysses
     q_lens = [local_size(q_layout, n, r) for r in range(n)]
@@ -186,10 +196,16 @@ def sharded_attention(
     if causal:
         blocks = [_causal_block(block, q_ranges, ranges, q) for block, ranges in zip(blocks, kv_ranges)]
     ring_kv_lens = [sum(kv_lens[r] for r in ranks) for ranks in group_ranks]
-    out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale)
+    if ring_kv == "gather" and info.ring > 1 and not causal:
+        out = _gathered_attention(q, kv, info, ring_kv_lens, blocks, scale)
+    else:
+        out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale)
     if u > 1:
         out = _heads_to_sequence(out, [q_lens[r] for r in mine], heads, info)
     return out
+
+
+RING_KV = ("pass", "gather")
 
 
 class BlockMask(NamedTuple):
@@ -314,6 +330,33 @@ def _ring_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMas
     return out.to(q.dtype)
 
 
+def _gathered_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMask], scale: float):
+    """Attention to every ring group's key/value block, gathered: the heads in two chunks, each
+    gathered by its own collective, so that the second chunk travels while the first computes."""
+    if not any(lens):  # no key anywhere (the same on every rank)
+        return torch.zeros_like(q)
+    kv = _pad_dim(kv, -2, max(lens))  # [2, B, H_kv, T, D], every rank's block one size
+    kv_heads = kv.shape[2]
+    chunks = 2 if kv_heads % 2 == 0 and q.shape[1] % 2 == 0 else 1
+    gathered = [funcol.all_gather_tensor(part.contiguous(), 0, info.ring_group) for part in kv.chunk(chunks, dim=2)]
+    if q.shape[-2] == 0:  # no query token here (fewer tokens than ranks): the others still need my
+        # keys; the output depends on the transfers, so no compiler drops them as unused
+        return torch.zeros_like(q) + sum(part.sum() for part in gathered) * 0
+    gathered = [part.view(info.ring, 2, *part.shape[1:]) for part in gathered]  # each [R, 2, B, H_kv / chunks, T, D]
+    bias = None
+    if masks[0].bias is not None:
+        bias = torch.cat([m.bias for m in masks], dim=-1)
+    q_per_chunk = q.shape[1] // chunks
+    outs = []
+    for i, part in enumerate(gathered):
+        full = torch.cat([part[s, ..., : lens[s], :] for s in range(info.ring) if lens[s]], dim=-2)
+        chunk_bias = bias
+        if bias is not None and bias.shape[1] > 1:
+            chunk_bias = bias.narrow(1, i * q_per_chunk, q_per_chunk)
+        outs.append(attention(q.narrow(1, i * q_per_chunk, q_per_chunk), full[0], full[1], chunk_bias, scale))
+    return outs[0] if chunks == 1 else torch.cat(outs, dim=1)
+
+
 def _pass_to_next(x: torch.Tensor, info: MeshInfo) -> torch.Tensor:
     """Send ``x`` to the next ring rank and receive the previous one's (an all-to-all with one non-empty split)."""
     r, me = info.ring, info.ring_rank
@@ -386,11 +429,15 @@ def lse_kernel(dtype: torch.dtype, head_dim: int, masked: bool, capability: tupl
 
 
 def _cuda_attention_with_lse(q, k, v, bias, scale, causal):
-    kernel = lse_kernel(
-        q.dtype, q.shape[-1], bias is not None, torch.cuda.get_device_capability(q.device),
-        torch.backends.cuda.cudnn_sdp_enabled(),
-    )
+    kernel = _device_lse_kernel(q.dtype, int(q.shape[-1]), bias is not None, q.device.index)
     return LSE_KERNELS[kernel](q, k, v, bias, scale, causal)
+
+
+@torch.compiler.assume_constant_result  # read the device and the SDPA switches when Dynamo traces
+def _device_lse_kernel(dtype: torch.dtype, head_dim: int, masked: bool, device_index: int | None) -> str:
+    return lse_kernel(
+        dtype, head_dim, masked, torch.cuda.get_device_capability(device_index), torch.backends.cuda.cudnn_sdp_enabled()
+    )
 
 
 def _cudnn_with_lse(q, k, v, bias, scale, causal=False):
