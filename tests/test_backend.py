@@ -156,24 +156,6 @@ def test_ring_kv_gather_gathers_keys_and_values_at_every_ring_site():
         para_fx.backend(ring_kv="scatter")
 
 
-def ring_kv_gather_error():
-    """joint_dit on Ring 2 with gathered keys/values, against one process."""
-    model, kwargs = joint_dit()
-    with torch.no_grad():
-        expected = model(**kwargs)
-        mesh = para_fx.init_mesh(ring=2)
-        out = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager", ring_kv="gather"))(**kwargs)
-    return (out - expected).abs().max().item()
-
-
-ranks.add(2, "backend ring_kv gather", ring_kv_gather_error)
-
-
-@pytest.mark.ranks
-def test_ring_kv_gather_matches_one_process():
-    assert max(ranks.result(2, "backend ring_kv gather")) <= 1e-5
-
-
 def mesh_shapes_and_errors():
     shapes = {}
     for kwargs in ({}, {"ring": 2}, {"ulysses": 2}, {"batch": 2}, {"batch": 2, "ring": 2}):

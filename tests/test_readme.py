@@ -53,7 +53,9 @@ RUNS = {
 }
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# one thread per rank, and Inductor's C++ builds in the rank itself: no pool of compile workers
+# that each start Python and torch on the 2 cores the ranks share
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 ONE_PROCESS = "explain"  # runs in the first tier; the examples on 2 ranks run with the scripts, in the background
 
 
