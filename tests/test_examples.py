@@ -44,6 +44,12 @@ def flags(name, out):
     return ["--tiny", "--steps", "2", "--runs", "1", "--out", out, *CASES[name][0]]
 
 
+# The video pipelines on the ranks run the passes' graphs as they are: their numbers are checked
+# in tests/test_pipelines.py, and AOTAutograd (--tiny's default) by the scripts here, the README's
+# pipeline and the demo on FLUX, and by the GPU tier on every model.
+ON_RANKS_FLAGS = ["--compiler", "eager"]
+
+
 def command(name):
     """The script, saving into its working folder."""
     script = [os.path.join(EXAMPLES, f"{name}.py"), *flags(name, CASES[name][1])]
@@ -74,7 +80,7 @@ def example_on_this_rank(name):
         out = os.path.join(folder, CASES[name][1])
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            common.run_pipeline(common.example_args(example, argv=flags(name, out)), example)
+            common.run_pipeline(common.example_args(example, argv=flags(name, out) + ON_RANKS_FLAGS), example)
         return log.getvalue().replace(out, CASES[name][1]), saved(name, out) if dist.get_rank() == 0 else None
 
 

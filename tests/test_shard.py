@@ -202,7 +202,7 @@ def new_resolutions():
     compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
     errors = []
     with torch.no_grad():
-        for height in (14, 18, 10, 14):
+        for height in (14, 10, 14):  # a new resolution, then the first again
             _, kwargs = dits.joint_dit(height=height)
             errors.append((compiled(**kwargs) - model(**kwargs)).abs().max().item())
     return errors
@@ -214,4 +214,4 @@ ranks.add(2, "shard new resolutions", new_resolutions)
 @pytest.mark.ranks
 def test_new_resolution_on_two_ranks():
     for errors in ranks.result(2, "shard new resolutions"):
-        assert len(errors) == 4 and max(errors) <= 1e-4, errors
+        assert len(errors) == 3 and max(errors) <= 1e-4, errors
