@@ -122,7 +122,7 @@ def test_explicit_lengths_and_scale():
 CAUSAL_CASES = [(13, 13, 4, 4, False), (13, 13, 6, 2, False), (9, 13, 4, 2, True), (13, 13, 4, 1, True)]
 
 
-def causal_and_grouped_errors(mesh_shape):
+def causal_and_grouped_errors(mesh_shape, causal=True, ring_kv="pass"):
     """``is_causal`` and fewer key/value heads through the public call, against SDPA's own."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
     coords = tuple(mesh.get_local_rank(d) for d in ("batch", "ring", "ulysses"))
@@ -130,12 +130,13 @@ def causal_and_grouped_errors(mesh_shape):
     for sq, skv, heads, kv_heads, replicated in CAUSAL_CASES:
         g = torch.Generator().manual_seed(sq * heads + kv_heads)
         q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((heads, sq), (kv_heads, skv), (kv_heads, skv)))
-        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=kv_heads != heads)
         kv_shard = (lambda t: torch.tensor_split(t, mesh_shape[0], 0)[coords[0]]) if replicated else (
             lambda t: shard(t, mesh_shape, coords)
         )
         out = para_fx.context_parallel_attention(
-            shard(q, mesh_shape, coords), kv_shard(k), kv_shard(v), mesh=mesh, kv_replicated=replicated, is_causal=True,
+            shard(q, mesh_shape, coords), kv_shard(k), kv_shard(v), mesh=mesh, kv_replicated=replicated,
+            is_causal=causal, ring_kv=ring_kv,
         )
         errors.append((out - shard(expected, mesh_shape, coords)).abs().max().item())
     return errors
@@ -149,6 +150,21 @@ for _mesh_shape in MESHES[2]:
 @pytest.mark.parametrize("mesh_shape", MESHES[2], ids=lambda v: "x".join(map(str, v)))
 def test_causal_and_grouped_query_attention_match_sdpa(mesh_shape):
     for rank, errors in enumerate(ranks.result(2, f"attention causal {'x'.join(map(str, mesh_shape))}")):
+        assert len(errors) == len(CAUSAL_CASES) and max(errors) <= 1e-5, f"mesh {mesh_shape} rank {rank}: {errors}"
+
+
+# gathered keys/values with grouped-query heads: Ring alone (two head chunks of 2:1 and one of 4:1) and
+# hybrid (Ulysses leaves each rank 2 or 3 query heads)
+GATHER_GQA_MESHES = [(2, (1, 2, 1)), (4, (1, 2, 2))]
+for _world, _mesh_shape in GATHER_GQA_MESHES:
+    ranks.add(_world, f"attention gather grouped {'x'.join(map(str, _mesh_shape))}", causal_and_grouped_errors,
+              _mesh_shape, False, "gather")
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("world, mesh_shape", GATHER_GQA_MESHES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_gathered_ring_with_grouped_query_heads_matches_sdpa(world, mesh_shape):
+    for rank, errors in enumerate(ranks.result(world, f"attention gather grouped {'x'.join(map(str, mesh_shape))}")):
         assert len(errors) == len(CAUSAL_CASES) and max(errors) <= 1e-5, f"mesh {mesh_shape} rank {rank}: {errors}"
 
 

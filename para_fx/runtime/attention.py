@@ -3,7 +3,8 @@
 Every rank holds a contiguous chunk of the sequence (``torch.tensor_split`` over the flattened
 (ring, ulysses) group). Ulysses trades sequence for heads with one all-to-all; Ring then passes
 key/value blocks around the ring group while the current block computes, and merges the partial
-outputs with their log-sum-exp in fp32. Uneven chunks are padded for transport and sliced after
+outputs with their log-sum-exp in fp32 (or, asked to, gathers every block at once and attends in one
+kernel per head chunk). Uneven chunks are padded for transport and sliced after
 receipt: every rank knows every chunk length, so no masking of padding is needed.
 
 The collectives are ``torch.ops._c10d_functional`` ops (through ``torch.distributed._functional_collectives``)
