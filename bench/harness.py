@@ -210,6 +210,22 @@ def _step_times_ms(step, inputs, device, warmup, iters) -> list[float]:
     return times
 
 
+def cuda_median_ms(fn: Callable[[], Any], repeat: int = 30, warmup: int = 3) -> float:
+    """Median CUDA-event time of ``fn()`` in ms, one event pair per call (kernel-level benches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -8,30 +8,19 @@ are slower per FLOP than the full ones, and whether autotuning wins that back.
 
 import argparse
 import json
-import statistics
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # (in features, out features) of FLUX.1-dev's projections; rows: image+text (single blocks),
 # image, text tokens at 1024 px, and their halves
 PROJECTIONS = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]
 ROWS = [4608, 4096, 512, 2304, 2048, 256]
-
-
-def median_ms(fn, repeat=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
@@ -47,13 +36,13 @@ def main():
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             flop = 2 * rows * k * n
-            entry = {"cublas_ms": median_ms(lambda: F.linear(x, w, bias))}
+            entry = {"cublas_ms": harness.cuda_median_ms(lambda: F.linear(x, w, bias))}
             entry["cublas_tflops"] = flop / entry["cublas_ms"] / 1e9
             if rows in autotune_rows:
                 torch._dynamo.reset()
                 tuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", fullgraph=True)
                 torch.testing.assert_close(tuned(x, w, bias), F.linear(x, w, bias), rtol=2e-2, atol=2e-2)
-                entry["autotuned_ms"] = median_ms(lambda: tuned(x, w, bias))
+                entry["autotuned_ms"] = harness.cuda_median_ms(lambda: tuned(x, w, bias))
                 entry["autotuned_tflops"] = flop / entry["autotuned_ms"] / 1e9
             results["rows"][f"{rows}x{k}->{n}"] = entry
             print(rows, k, n, json.dumps(entry), flush=True)

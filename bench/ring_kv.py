@@ -10,39 +10,25 @@ SDPA of the whole sequence on one GPU; times are CUDA-event medians per call, th
 
 import json
 import os
-import statistics
 import sys
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import para_fx
-from para_fx.core.mesh import mesh_info
-from para_fx.core.placement import plain
-from para_fx.runtime.attention import RING_KV, sharded_attention
+import harness  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import para_fx  # noqa: E402
+from para_fx.core.mesh import mesh_info  # noqa: E402
+from para_fx.core.placement import plain  # noqa: E402
+from para_fx.runtime.attention import RING_KV, sharded_attention  # noqa: E402
 
 SHAPES = {"flux_1024": (1, 24, 4608, 128), "flux_2048": (1, 24, 16896, 128)}  # global [B, H, S, D]
-
-
-def median_ms(fn, repeat=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
@@ -66,7 +52,7 @@ def main():
             compiled = torch.compile(call, fullgraph=True, dynamic=False)
             out = compiled(ql, kl, vl)
             error = ((out.float() - want).norm() / want.norm()).item()
-            ms = median_ms(lambda: compiled(ql, kl, vl))
+            ms = harness.cuda_median_ms(lambda: compiled(ql, kl, vl))
             slowest = [None] * world
             dist.all_gather_object(slowest, ms)
             row[ring_kv] = {"ms": max(slowest), "relative_l2": error}
