@@ -132,3 +132,28 @@ def test_constants_the_trace_lifts_are_static_inputs_too(monkeypatch):
     torch._dynamo.reset()
     (constants, static), = seen
     assert len(constants) == 1 and static[0] == 0 and len(static) == 3, seen  # the constant, then the weights
+
+
+def test_a_shape_compiled_at_call_time_uses_inductors_graph_cache():
+    """The second shape of a frame is specialised and compiled at call time, outside Dynamo's
+    tracing context: it must still reach Inductor's FX graph cache (a restarted server then loads
+    every resolution it served before instead of compiling it again)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import clear_inductor_caches, fresh_inductor_cache
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    shapes = [torch.randn(4, 8), torch.randn(6, 8)]  # the second call makes Dynamo's graph dynamic
+    outcomes = []
+    with torch.no_grad(), fresh_inductor_cache(), config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+        for _ in ("cold", "warm"):
+            torch._dynamo.reset()
+            clear_inductor_caches()  # what a new process does not have: the files stay, as after a restart
+            compiled = torch.compile(model, backend=para_fx.backend())
+            for x in shapes:
+                counters["inductor"].clear()
+                torch.testing.assert_close(compiled(x), model(x))
+                outcomes.append({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")})
+    torch._dynamo.reset()
+    first_cold, second_cold, first_warm, second_warm = outcomes
+    assert first_cold == second_cold == {"fxgraph_cache_miss": 1}, outcomes
+    assert first_warm == second_warm == {"fxgraph_cache_hit": 1}, outcomes

@@ -350,7 +350,22 @@ def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], options: Op
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**overlap_settings(), **options.inductor}
-    return compile_fx(graph, example_inputs, config_patches=patches)
+    with _tracing_context():
+        return compile_fx(graph, example_inputs, config_patches=patches)
+
+
+def _tracing_context():
+    """Dynamo's tracing context when Dynamo called the backend; otherwise (a shape specialised at
+    call time, :class:`_Specialized`) one of our own, with the shape environment that Inductor's
+    FX graph cache needs: without it every such compile bypasses the cache, and a new resolution
+    is compiled in full again after every restart."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if TracingContext.try_get() is not None:
+        return contextlib.nullcontext()
+    return tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
 
 
 # Inductor's scheduler passes that move each collective's start as early, and its wait as late, as
