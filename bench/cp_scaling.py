@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from para_fx.runtime.attention import RING_KV  # noqa: E402
 
 MODELS = ("flux_1024", "flux_2048", "hunyuan_720p")
 
@@ -230,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="para with schedule_collectives=True: rows labelled para+schedule_collectives")
     parser.add_argument("--shared-blocks", action="store_true",
                         help="para with shared_blocks=True (each distinct block compiled once): rows labelled para+shared_blocks")
-    parser.add_argument("--ring-kv", choices=("pass", "gather"), default="pass",
+    parser.add_argument("--ring-kv", choices=RING_KV, default="pass",
                         help="para with ring_kv=...: rows other than pass labelled para+ring_kv_gather")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
