@@ -4,11 +4,16 @@ The para backend only parallelises attention that Dynamo puts in a graph. A proc
 loops over samples and selects tokens with data-dependent shapes (``torch.nonzero``) makes Dynamo
 run it between graphs: correct, but on full tensors and unsharded. :func:`make_traceable` swaps
 such processors, on one model instance, for equivalents with static shapes: one SDPA call over
-padded keys with a boolean key mask. The passes never name a model; this table is the only place
-that knows processor classes.
+padded keys with a boolean key mask. Where the break is in the model's own code rather than in a
+processor (sequence lengths read back from a mask, a table built lazily on the first call), it
+fixes that one instance the same way. The passes never name a model; the tables at the end of
+this file are the only place that knows processor and model classes.
 """
 
 from __future__ import annotations
+
+import types
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +68,7 @@ class MaskedJointAttnProcessor:
 
         video_len, text_len = query.shape[1], text_query.shape[1]
         text_valid = attention_mask.bool()
-        _check_prefix_mask(text_valid)
+        _check_prefix_mask(text_valid, "a Mochi text attention mask", "attention")
         # [B, S, H, D] -> [B, H, S, D], video tokens then text tokens
         query, key, value = (
             torch.cat([video, text], dim=1).transpose(1, 2)
@@ -82,8 +87,9 @@ class MaskedJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-def _check_prefix_mask(valid: torch.Tensor) -> None:
-    """Refuse text masks with a valid token after a padded one (see :class:`MaskedJointAttnProcessor`).
+def _check_prefix_mask(valid: torch.Tensor, what: str, stand_in: str) -> None:
+    """Refuse text masks with a valid token after a padded one (see :class:`MaskedJointAttnProcessor`
+    and :func:`_lumina2_static_forward`).
 
     A mask is a prefix when it never rises from 0 to 1 along the sequence. The check stays in the
     graph as one asynchronous assert, so it costs no host sync and no graph break. On CPU it raises
@@ -93,9 +99,140 @@ def _check_prefix_mask(valid: torch.Tensor) -> None:
     rises = valid[:, 1:] & ~valid[:, :-1]
     torch._assert_async(
         ~rises.any(),
-        "para_fx: a Mochi text attention mask has a valid token after a padded one; the traceable "
-        "attention installed by make_traceable needs right-padded (prefix) masks",
+        f"para_fx: {what} has a valid token after a padded one; the traceable {stand_in} installed by "
+        "make_traceable needs right-padded (prefix) masks",
     )
+
+
+def _lumina2_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+) -> Any:
+    """Lumina2Transformer2DModel.forward with static shapes.
+
+    The stock forward reads each sample's text length back from the mask (``.tolist()``), builds
+    RoPE positions and the joint sequence ``[valid text, image, padding]`` in Python loops over
+    those lengths, and so breaks the graph three times. Here the joint sequence is ``[all text,
+    image]`` for every sample: padded text tokens stay in place, masked out as keys, and each
+    token gets the RoPE position the stock code gives it (text token j: (j, 0, 0); image token at
+    row r, column c: (text length, r, c)). Attention does not depend on the order of its keys, so
+    the image outputs are the stock ones. The stock code takes the *first* ``mask.sum()`` text
+    tokens as the valid ones; that equals this program only for prefix masks (what Lumina2's
+    pipeline makes: right padding), so other masks raise an error instead of giving other results.
+    """
+    batch_size, _, height, width = hidden_states.shape
+    patch = self.config.patch_size
+    rows, cols = height // patch, width // patch
+    text_len = encoder_hidden_states.shape[1]
+
+    temb, text = self.time_caption_embed(hidden_states, timestep, encoder_hidden_states)
+    text_valid = encoder_attention_mask.bool()
+    _check_prefix_mask(text_valid, "a Lumina2 text attention mask", "forward")
+
+    text_count = text_valid.sum(dim=1)
+    text_rope, image_rope = _lumina2_rope(self.rope_embedder.freqs_cis, text_valid, text_count, rows, cols)
+    joint_rope = torch.cat([text_rope, image_rope], dim=1)
+
+    image = (
+        hidden_states.view(batch_size, -1, rows, patch, cols, patch)
+        .permute(0, 2, 4, 3, 5, 1)
+        .flatten(3)
+        .flatten(1, 2)
+    )
+    image = self.x_embedder(image)
+
+    for layer in self.context_refiner:
+        text = layer(text, encoder_attention_mask, text_rope)
+    for layer in self.noise_refiner:
+        image = layer(image, None, image_rope, temb)
+
+    # padded text tokens are never keys below; zero them so that nothing non-finite reaches the
+    # attention (a sample without valid text has every key masked in the context refiner, which
+    # some attention kernels answer with NaN)
+    text = torch.where(text_valid[..., None], text, 0.0)
+    joint = torch.cat([text, image], dim=1)
+    # text_valid for a prefix mask, built from a count and positions so that every rank holds all of
+    # it: the joint blocks' attention then gathers no mask
+    positions = torch.arange(joint.shape[1], device=joint.device)
+    key_valid = (positions < text_count[:, None]) | (positions >= text_len)
+    for layer in self.layers:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            joint = self._gradient_checkpointing_func(layer, joint, key_valid, joint_rope, temb)
+        else:
+            joint = layer(joint, key_valid, joint_rope, temb)
+
+    joint = self.norm_out(joint, temb)
+    output = (
+        joint[:, text_len:]
+        .view(batch_size, rows, cols, patch, patch, self.out_channels)
+        .permute(0, 5, 1, 3, 2, 4)
+        .flatten(4, 5)
+        .flatten(2, 3)
+    )
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+def _lumina2_rope(
+    tables: list[torch.Tensor], text_valid: torch.Tensor, text_count: torch.Tensor, rows: int, cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE factors of the text and the image tokens at the positions Lumina2 gives them.
+
+    Padded text tokens get zeros, as in the stock code; text and image are gathered apart so that
+    neither is cut out of a longer sequence that the ranks hold in shards.
+    """
+    batch_size, text_len = text_valid.shape
+    device = text_valid.device
+    positions = torch.arange(text_len, device=device)
+    text_ids = torch.stack([positions, torch.zeros_like(positions), torch.zeros_like(positions)], dim=-1)
+    text_ids = text_ids.expand(batch_size, -1, -1)
+    image_ids = torch.stack(
+        torch.broadcast_tensors(
+            text_count[:, None, None],
+            torch.arange(rows, device=device)[None, :, None],
+            torch.arange(cols, device=device)[None, None, :],
+        ),
+        dim=-1,
+    ).flatten(1, 2)
+    text_rope, image_rope = (
+        torch.cat([table.to(device)[ids[..., axis]] for axis, table in enumerate(tables)], dim=-1)
+        for ids in (text_ids, image_ids)
+    )
+    return text_rope * text_valid[..., None], image_rope
+
+
+def _install_lumina2_static_forward(model: torch.nn.Module) -> list[str]:
+    """The static forward, bound to this instance, with the stock forward's LoRA scaling around it."""
+    from diffusers.utils import apply_lora_scale
+
+    if getattr(model.forward, "__wrapped__", None) is _lumina2_static_forward:
+        return []
+    model.forward = types.MethodType(apply_lora_scale("attention_kwargs")(_lumina2_static_forward), model)
+    return ["forward"]
+
+
+def _build_rope_tables(model: torch.nn.Module) -> list[str]:
+    """Build Z-Image's RoPE tables now, with diffusers' own code, on the model's device.
+
+    The stock embedder builds them on its first call, under ``with torch.device("cpu")``, a
+    context manager Dynamo cannot enter: the first compiled call breaks into five graphs (and
+    every later call would recompile once the tables exist). Built here, the call only indexes them.
+    """
+    rope = model.rope_embedder
+    if rope.freqs_cis is not None:
+        return []
+    device = next(model.parameters()).device
+    tables = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+    rope.freqs_cis = [table.to(device) for table in tables]
+    return ["rope_embedder"]
 
 
 # Processor classes (by name, defined in diffusers) whose calls break Dynamo graphs -> their
@@ -104,19 +241,35 @@ TRACEABLE_PROCESSORS: dict[str, type] = {
     "MochiAttnProcessor2_0": MaskedJointAttnProcessor,
 }
 
+# Model classes (by name, defined in diffusers) that break Dynamo graphs outside an attention
+# processor -> the function that fixes one instance and returns the attribute names it changed.
+TRACEABLE_MODELS: dict[str, Callable[[torch.nn.Module], list[str]]] = {
+    "Lumina2Transformer2DModel": _install_lumina2_static_forward,
+    "ZImageTransformer2DModel": _build_rope_tables,
+}
+
 
 def make_traceable(model: torch.nn.Module) -> list[str]:
-    """Replace, on this instance only, attention processors that break Dynamo graphs.
+    """Replace, on this instance only, what breaks Dynamo graphs: attention processors, and the
+    model-level code of the classes in :data:`TRACEABLE_MODELS`.
 
-    Returns the names of the modules changed (empty for models that need nothing). Other
-    instances of the same class, and the classes themselves, are untouched.
+    Returns the names of the modules changed, or for a model-level fix ``module.attribute``
+    (``"forward"``, ``"rope_embedder"`` for the model itself); empty for models that need nothing
+    and on a second call. Other instances of the same class, and the classes themselves, are
+    untouched.
     """
     changed = []
     for name, module in model.named_modules():
+        if _from_diffusers(type(module)) and type(module).__name__ in TRACEABLE_MODELS:
+            fixed = TRACEABLE_MODELS[type(module).__name__](module)
+            changed += [f"{name}.{attribute}" if name else attribute for attribute in fixed]
         processor = getattr(module, "processor", None)
-        cls = type(processor)
-        replacement = TRACEABLE_PROCESSORS.get(cls.__name__)
-        if replacement is not None and cls.__module__.startswith("diffusers."):
+        replacement = TRACEABLE_PROCESSORS.get(type(processor).__name__)
+        if replacement is not None and _from_diffusers(type(processor)):
             module.processor = replacement()
             changed.append(name)
     return changed
+
+
+def _from_diffusers(cls: type) -> bool:
+    return cls.__module__.startswith("diffusers.")
