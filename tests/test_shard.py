@@ -215,3 +215,51 @@ ranks.add(2, "shard new resolutions", new_resolutions)
 def test_new_resolution_on_two_ranks():
     for errors in ranks.result(2, "shard new resolutions"):
         assert len(errors) == 3 and max(errors) <= 1e-4, errors
+
+
+class PaddedSequences(torch.nn.Module):
+    """Samples of different lengths projected as one token list, then padded into a batch, as
+    Z-Image does: ``pad_sequence`` copies each sample into a zero buffer inside its kernel, which
+    ``functionalize`` does not see, so the capture has to remove those writes itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, first, second):
+        qkv = self.qkv(torch.cat([first, second]))
+        padded = torch.nn.utils.rnn.pad_sequence(qkv.split([len(first), len(second)]), batch_first=True)
+        q, k, v = padded.unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def padded_sequences():
+    torch.manual_seed(0)
+    return PaddedSequences(), (torch.randn(12, 8), torch.randn(9, 8))
+
+
+def test_padded_sequences_are_captured_without_writes_and_split():
+    model, inputs = padded_sequences()
+    torch._dynamo.reset()
+    report = para_fx.explain(model, args=inputs, world_size=2)
+    torch._dynamo.reset()
+    assert "aten.copy_." not in report.graphs["captured"], report.graphs["captured"]
+    assert [s.strategy for s in report.attention_sites] == ["ulysses"] and not report.fallbacks, report
+
+
+def padded_sequences_error():
+    model, inputs = padded_sequences()
+    compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))
+    with torch.no_grad():
+        return (compiled(*inputs) - model(*inputs)).abs().max().item()
+
+
+ranks.add(2, "shard padded sequences", padded_sequences_error)
+
+
+@pytest.mark.ranks
+def test_padded_sequences_match_single_process():
+    """On real ranks: the shards of the padded buffer hold the copied tokens (they held zeros)."""
+    errors = ranks.result(2, "shard padded sequences")
+    assert max(errors) <= 1e-5, errors

@@ -2,8 +2,8 @@
 
 Each model is diffusers' real class with a tiny random config. Made traceable, it must give the
 stock model's outputs (fp32, <= 1e-5), compile to one graph with every attention site split over a
-simulated world of 2, and refuse the inputs its static program cannot follow instead of giving
-other results. Mochi's processor stand-in is tested in tests/test_pipelines.py.
+simulated world of 2, give the same outputs on 2 real ranks, and refuse the inputs its static
+program cannot follow instead of giving other results. Mochi's processor stand-in is tested in tests/test_pipelines.py.
 """
 
 import copy
@@ -13,6 +13,7 @@ import torch
 
 import para_fx
 from para_fx.adapters.traceable import make_traceable
+import ranks
 
 TOLERANCE = 1e-5
 SPLIT = {"ulysses", "ring", "hybrid"}
@@ -124,3 +125,26 @@ def test_z_image_one_graph_equal_outputs():
     make_traceable(model)
     report = assert_one_graph_all_split(model, kwargs)
     assert len(report.attention_sites) == 1
+
+
+def both_on_this_rank():
+    """On one rank: each model made traceable and compiled over all ranks (Ulysses), against eager.
+    Z-Image's two samples are padded into a batch by ``pad_sequence`` (see tests/test_shard.py)."""
+    errors = {}
+    for name, factory in (("lumina2", lumina2), ("z_image", z_image)):
+        model, kwargs = factory()
+        make_traceable(model)
+        compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))
+        with torch.no_grad():
+            errors[name] = max_error(sample(compiled(**kwargs, return_dict=False)), sample(model(**kwargs, return_dict=False)))
+        torch._dynamo.reset()
+    return errors
+
+
+ranks.add(2, "traceable lumina2 and z_image", both_on_this_rank)
+
+
+@pytest.mark.ranks
+def test_outputs_on_two_ranks_match_one_process():
+    for errors in ranks.result(2, "traceable lumina2 and z_image"):
+        assert max(errors.values()) <= TOLERANCE, errors

@@ -36,6 +36,20 @@ def capture_aten(
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     read_values = {placeholders[i]: value for i, value in (scalars or {}).items()}
 
+    traced = _trace(gm, fake_mode, fake_inputs, functional, read_values)
+    _name_inputs(gm, traced)
+    if functional and _writes_in_place(traced):
+        # ``functionalize`` does not see the writes of an op whose kernel runs below it (pad_sequence
+        # copies its sequences into a zero buffer): traced again, they are plain aten ops that it rewrites
+        traced = _trace(traced, fake_mode, fake_inputs, functional, {})
+        _name_inputs(gm, traced)
+    traced.recompile()
+    return traced
+
+
+def _trace(
+    gm: fx.GraphModule, fake_mode: FakeTensorMode, fake_inputs: list[Any], functional: bool, read_values: dict
+) -> fx.GraphModule:
     def run(*args):
         return _Interpreter(gm, read_values).run(*args)
 
@@ -43,9 +57,18 @@ def capture_aten(
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
         traced = make_fx(fn, pre_dispatch=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
-    _name_inputs(gm, traced)
-    traced.recompile()
     return traced
+
+
+def _writes_in_place(gm: fx.GraphModule) -> bool:
+    """Whether an op writes to a value the graph made: the passes shard values, not writes into them.
+    (Writes back to the graph's inputs, which ``functionalize`` adds at the end, stay.)"""
+    for node in gm.graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            written = node.args[0] if node.args else None
+            if not (isinstance(written, fx.Node) and written.op == "placeholder"):
+                return True
+    return False
 
 
 def _name_inputs(gm: fx.GraphModule, traced: fx.GraphModule) -> None:
