@@ -4,10 +4,12 @@ The para backend only parallelises attention that Dynamo puts in a graph. A proc
 loops over samples and selects tokens with data-dependent shapes (``torch.nonzero``) makes Dynamo
 run it between graphs: correct, but on full tensors and unsharded. :func:`make_traceable` swaps
 such processors, on one model instance, for equivalents with static shapes: one SDPA call over
-padded keys with a boolean key mask. Where the break is in the model's own code rather than in a
-processor (sequence lengths read back from a mask, a table built lazily on the first call), it
-fixes that one instance the same way. The passes never name a model; the tables at the end of
-this file are the only place that knows processor and model classes.
+padded keys with a boolean key mask. A processor that masks queries as well as keys swaps the
+same way: the rows of its mask follow the tokens para splits, so every block would gather it.
+Where the break is in the model's own code rather than in a processor (sequence lengths read back
+from a mask, tokens selected by a mask, a Python branch on a tensor's value, a table built lazily
+on the first call), it fixes that one instance the same way. The passes never name a model; the
+tables at the end of this file are the only place that knows processor and model classes.
 """
 
 from __future__ import annotations
@@ -87,9 +89,60 @@ class MaskedJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+class HunyuanVideo15KeyMaskedAttnProcessor:
+    """HunyuanVideo 1.5's joint (video + text) attention with a key mask.
+
+    The stock processor pads the text mask with ones up to the joint length and masks queries and
+    keys alike ([S, S]): its rows follow the query tokens, which para splits, so every block gathers
+    the mask. Here only keys are masked ([1, S]), a mask every rank holds whole. Padded text queries
+    then attend to the valid tokens instead of giving zeros; they are never keys, so no valid token,
+    and no output, sees the difference. The text is attended as it comes, so every mask is followed.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        heads = attn.heads
+        query, key, value = (
+            proj(hidden_states).unflatten(2, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text_query, text_key, text_value = (
+            proj(encoder_hidden_states).unflatten(2, (heads, -1))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+
+        video_len, text_len = query.shape[1], text_query.shape[1]
+        key_valid = F.pad(attention_mask.bool(), (video_len, 0), value=True)
+        # [B, S, H, D] -> [B, H, S, D], video tokens then text tokens
+        query, key, value = (
+            torch.cat([video, text], dim=1).transpose(1, 2)
+            for video, text in ((query, text_query), (key, text_key), (value, text_value))
+        )
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+        hidden_states, encoder_hidden_states = out.transpose(1, 2).flatten(2, 3).split_with_sizes(
+            (video_len, text_len), dim=1
+        )
+        return attn.to_out[1](attn.to_out[0](hidden_states)), attn.to_add_out(encoder_hidden_states)
+
+
 def _check_prefix_mask(valid: torch.Tensor, what: str, stand_in: str) -> None:
-    """Refuse text masks with a valid token after a padded one (see :class:`MaskedJointAttnProcessor`
-    and :func:`_lumina2_static_forward`).
+    """Refuse text masks with a valid token after a padded one (see :class:`MaskedJointAttnProcessor`,
+    :func:`_lumina2_static_forward` and :func:`_framepack_static_forward`).
 
     A mask is a prefix when it never rises from 0 to 1 along the sequence. The check stays in the
     graph as one asynchronous assert, so it costs no host sync and no graph break. On CPU it raises
@@ -209,16 +262,6 @@ def _lumina2_rope(
     return text_rope * text_valid[..., None], image_rope
 
 
-def _install_lumina2_static_forward(model: torch.nn.Module) -> list[str]:
-    """The static forward, bound to this instance, with the stock forward's LoRA scaling around it."""
-    from diffusers.utils import apply_lora_scale
-
-    if getattr(model.forward, "__wrapped__", None) is _lumina2_static_forward:
-        return []
-    model.forward = types.MethodType(apply_lora_scale("attention_kwargs")(_lumina2_static_forward), model)
-    return ["forward"]
-
-
 def _build_rope_tables(model: torch.nn.Module) -> list[str]:
     """Build Z-Image's RoPE tables now, with diffusers' own code, on the model's device.
 
@@ -235,17 +278,195 @@ def _build_rope_tables(model: torch.nn.Module) -> list[str]:
     return ["rope_embedder"]
 
 
-# Processor classes (by name, defined in diffusers) whose calls break Dynamo graphs -> their
-# traceable replacement.
+def _hunyuan_video15_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    timestep_r: torch.Tensor | None = None,
+    encoder_hidden_states_2: torch.Tensor | None = None,
+    encoder_attention_mask_2: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+) -> Any:
+    """HunyuanVideo15Transformer3DModel.forward with static shapes.
+
+    The stock forward branches in Python on whether every image embedding is zero (text-to-video:
+    the image tokens are then masked out), and moves each sample's valid condition tokens (image,
+    ByT5 text, MLLM text) in front of the padded ones by boolean indexing in a loop over samples:
+    a graph break each. Here that test becomes the image tokens' mask, in the graph, and the condition
+    tokens stay where they are, ``[image, ByT5 text, MLLM text]``, with their masks beside them.
+    The condition tokens carry no RoPE, so the joint attention sees the same valid tokens, only in
+    another order, and gives the stock outputs for any masks: nothing is refused. Padded tokens,
+    which the stock code zeroes, keep their values here; they are never keys (see
+    :class:`HunyuanVideo15KeyMaskedAttnProcessor`), so no output depends on them, unless one is not
+    finite (a masked key still multiplies its value by 0). That happens where a sample has no valid
+    MLLM token: the refiner's mean over none is 0/0. Such a sample's MLLM text is zeroed, with a
+    test per sample rather than per token: a per-token mask would be split with the tokens, and
+    every block would gather it for its attention.
+    """
+    batch_size, _, num_frames, height, width = hidden_states.shape
+    p_t, p = self.config.patch_size_t, self.config.patch_size
+    frames, rows, cols = num_frames // p_t, height // p, width // p
+
+    image_rotary_emb = self.rope(hidden_states)
+    temb = self.time_embed(timestep, timestep_r=timestep_r)
+    hidden_states = self.x_embedder(hidden_states)
+
+    text = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
+    text = torch.where(encoder_attention_mask.bool().any(dim=1)[:, None, None], text, 0.0)
+    text_2 = self.context_embedder_2(encoder_hidden_states_2)
+    image = self.image_embedder(image_embeds)
+    has_image = (image_embeds != 0).any()  # the stock text-to-video test, over the whole batch
+    image_valid = has_image.expand(batch_size, image.shape[1])
+    conditions = [
+        tokens + self.cond_type_embed(torch.full_like(tokens[:, :, 0], condition_type, dtype=torch.long))
+        for tokens, condition_type in ((image, 2), (text_2, 1), (text, 0))
+    ]
+    encoder_hidden_states = torch.cat(conditions, dim=1)
+    encoder_attention_mask = torch.cat(
+        [image_valid, encoder_attention_mask_2.bool(), encoder_attention_mask.bool()], dim=1
+    )
+
+    for block in self.transformer_blocks:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states, encoder_hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, encoder_hidden_states, temb, encoder_attention_mask, image_rotary_emb
+            )
+        else:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, encoder_attention_mask, image_rotary_emb
+            )
+
+    hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
+    output = (
+        hidden_states.reshape(batch_size, frames, rows, cols, -1, p_t, p, p)
+        .permute(0, 4, 1, 5, 2, 6, 3, 7)
+        .flatten(6, 7)
+        .flatten(4, 5)
+        .flatten(2, 3)
+    )
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+def _framepack_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    image_embeds: torch.Tensor,
+    indices_latents: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+    latents_clean: torch.Tensor | None = None,
+    indices_latents_clean: torch.Tensor | None = None,
+    latents_history_2x: torch.Tensor | None = None,
+    indices_latents_history_2x: torch.Tensor | None = None,
+    latents_history_4x: torch.Tensor | None = None,
+    indices_latents_history_4x: torch.Tensor | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+) -> Any:
+    """HunyuanVideoFramepackTransformer3DModel.forward with static shapes.
+
+    The stock forward reads each sample's condition length back from the mask: at batch 1 it cuts
+    the condition tokens to that length (``.item()``), at larger batches it fills a key mask up to
+    it sample by sample; either is a graph break. Here the key mask is built from the length by a
+    comparison with positions, for every batch size, as HunyuanVideo's own forward does: padded
+    text tokens stay in place, masked out as keys, which leaves the latent outputs as they were.
+    Both stock paths take the *first* ``mask.sum()`` condition tokens as the valid ones; that equals
+    this program only for prefix text masks (right padding, what the pipeline's tokenizer makes),
+    so other masks raise an error instead of giving other results.
+    """
+    batch_size, _, num_frames, height, width = hidden_states.shape
+    p, p_t = self.config.patch_size, self.config.patch_size_t
+    frames, rows, cols = num_frames // p_t, height // p, width // p
+
+    def rope(frame_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(frame_indices=frame_indices, height=height, width=width, device=hidden_states.device)
+
+    hidden_states = self.x_embedder(hidden_states)
+    history = self.clean_x_embedder(latents_clean, latents_history_2x, latents_history_4x)
+    history_indices = (indices_latents_clean, indices_latents_history_2x, indices_latents_history_4x)
+    history_rope = [rope(i) if x is not None and i is not None else None for x, i in zip(history, history_indices)]
+    hidden_states, image_rotary_emb = self._pack_history_states(
+        hidden_states, *history, rope(indices_latents), *history_rope, rows, cols
+    )
+
+    temb, _ = self.time_text_embed(timestep, pooled_projections, guidance)
+    text = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
+    image = self.image_projection(image_embeds)
+    text_valid = encoder_attention_mask.bool()
+    _check_prefix_mask(text_valid, "a Framepack text attention mask", "forward")
+    # image tokens before the text, as in the stock code: the valid tokens are then a prefix
+    encoder_hidden_states = torch.cat([image, text], dim=1)
+    latent_len = hidden_states.shape[1]
+    positions = torch.arange(latent_len + encoder_hidden_states.shape[1], device=hidden_states.device)
+    valid_len = latent_len + image.shape[1] + text_valid.sum(dim=1)
+    attention_mask = (positions < valid_len[:, None])[:, None, None, :]
+
+    for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states, encoder_hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb
+            )
+        else:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb
+            )
+
+    hidden_states = hidden_states[:, -frames * rows * cols :]
+    hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
+    output = (
+        hidden_states.reshape(batch_size, frames, rows, cols, -1, p_t, p, p)
+        .permute(0, 4, 1, 5, 2, 6, 3, 7)
+        .flatten(6, 7)
+        .flatten(4, 5)
+        .flatten(2, 3)
+    )
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+def _static_forward_installer(static_forward: Callable) -> Callable[[torch.nn.Module], list[str]]:
+    """An installer of ``static_forward`` on one instance, with the stock forward's LoRA scaling around it."""
+
+    def install(model: torch.nn.Module) -> list[str]:
+        """Bind the static forward to this instance; nothing if it is bound already."""
+        from diffusers.utils import apply_lora_scale
+
+        if getattr(model.forward, "__wrapped__", None) is static_forward:
+            return []
+        model.forward = types.MethodType(apply_lora_scale("attention_kwargs")(static_forward), model)
+        return ["forward"]
+
+    return install
+
+
+# Processor classes (by name, defined in diffusers) whose calls break Dynamo graphs, or make every
+# block gather a mask -> their traceable replacement.
 TRACEABLE_PROCESSORS: dict[str, type] = {
     "MochiAttnProcessor2_0": MaskedJointAttnProcessor,
+    "HunyuanVideo15AttnProcessor2_0": HunyuanVideo15KeyMaskedAttnProcessor,
 }
 
 # Model classes (by name, defined in diffusers) that break Dynamo graphs outside an attention
 # processor -> the function that fixes one instance and returns the attribute names it changed.
 TRACEABLE_MODELS: dict[str, Callable[[torch.nn.Module], list[str]]] = {
-    "Lumina2Transformer2DModel": _install_lumina2_static_forward,
+    "Lumina2Transformer2DModel": _static_forward_installer(_lumina2_static_forward),
     "ZImageTransformer2DModel": _build_rope_tables,
+    "HunyuanVideo15Transformer3DModel": _static_forward_installer(_hunyuan_video15_static_forward),
+    "HunyuanVideoFramepackTransformer3DModel": _static_forward_installer(_framepack_static_forward),
 }
 
 

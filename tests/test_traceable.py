@@ -1,4 +1,4 @@
-"""make_traceable on models whose graph breaks are in their own code, not in an attention processor.
+"""make_traceable on models whose graph breaks are in their own code, not (only) in an attention processor.
 
 Each model is diffusers' real class with a tiny random config. Made traceable, it must give the
 stock model's outputs (fp32, <= 1e-5), compile to one graph with every attention site split over a
@@ -7,6 +7,7 @@ program cannot follow instead of giving other results. Mochi's processor stand-i
 """
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -57,6 +58,65 @@ def z_image(text_lens=(7, 40), height=10, width=14, refiners=1):
         x=[torch.randn(16, 1, height, width, generator=g) for _ in text_lens],
         cap_feats=[torch.randn(n, 16, generator=g) for n in text_lens],
         t=torch.rand(len(text_lens), generator=g),
+    )
+    return model, kwargs
+
+
+def hunyuan_video15(text_valid=(7, 2), text_2_valid=(5, 3), refiners=1):
+    """HunyuanVideo15Transformer3DModel with image embeddings (image-to-video); one sample per entry
+    of ``text_valid`` and ``text_2_valid``, its MLLM and ByT5 text masks prefixes of that many valid
+    tokens. 5x5 latents give 25 video tokens, which do not split evenly over 2 ranks."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=refiners, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    batch = len(text_valid)
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, 1, 5, 5, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        encoder_hidden_states=torch.randn(batch, 7, 16, generator=g),
+        encoder_attention_mask=(torch.arange(7) < torch.tensor(text_valid)[:, None]).float(),
+        encoder_hidden_states_2=torch.randn(batch, 5, 8, generator=g),
+        encoder_attention_mask_2=(torch.arange(5) < torch.tensor(text_2_valid)[:, None]).float(),
+        image_embeds=torch.randn(batch, 3, 12, generator=g),
+    )
+    return model, kwargs
+
+
+def framepack(text_valid=(6, 3), double_layers=1, single_layers=1, refiners=1):
+    """HunyuanVideoFramepackTransformer3DModel with clean, 2x and 4x history latents; one sample per
+    entry of ``text_valid``, its text mask a prefix of that many valid tokens. 12 latent tokens and
+    6 + 2 + 1 history tokens: 21, which do not split evenly over 2 ranks."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=double_layers,
+        num_single_layers=single_layers, num_refiner_layers=refiners, patch_size=2, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), has_image_proj=True, image_proj_dim=16,
+        has_clean_x_embedder=True, guidance_embeds=False,
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    batch = len(text_valid)
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, 2, 4, 6, generator=g),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+        encoder_attention_mask=(torch.arange(6) < torch.tensor(text_valid)[:, None]).float(),
+        pooled_projections=torch.randn(batch, 8, generator=g),
+        image_embeds=torch.randn(batch, 3, 16, generator=g),
+        indices_latents=torch.arange(2.0) + 3,
+        latents_clean=torch.randn(batch, 4, 1, 4, 6, generator=g),
+        indices_latents_clean=torch.tensor([2.0]),
+        latents_history_2x=torch.randn(batch, 4, 2, 4, 6, generator=g),
+        indices_latents_history_2x=torch.tensor([0.0, 1.0]),
+        latents_history_4x=torch.randn(batch, 4, 4, 4, 6, generator=g),
+        indices_latents_history_4x=torch.arange(4.0) - 4,
     )
     return model, kwargs
 
@@ -127,11 +187,73 @@ def test_z_image_one_graph_equal_outputs():
     assert len(report.attention_sites) == 1
 
 
-def both_on_this_rank():
+def test_hunyuan_video15_one_graph_equal_outputs_for_any_masks():
+    model, kwargs = hunyuan_video15()
+    stock = copy.deepcopy(model)
+    assert make_traceable(model) == ["forward", "transformer_blocks.0.attn"]
+    assert make_traceable(model) == []
+    # holes in the masks, not only padding: the stock model gathers the valid tokens by boolean
+    # indexing, so any mask is followed and none is refused; the first sample has no valid MLLM
+    # token (the refiner gives it NaN, which must not reach the outputs)
+    holes = dict(kwargs, encoder_attention_mask=1 - kwargs["encoder_attention_mask"])
+    holes["encoder_attention_mask_2"] = kwargs["encoder_attention_mask_2"].flip(1)
+    # text-to-video (all image embeddings zero: the image tokens are masked out), and a batch where
+    # one sample's are zero (the stock test is over the whole batch: the image tokens stay)
+    text_to_video = dict(holes, image_embeds=torch.zeros_like(kwargs["image_embeds"]))
+    one_zero_image = dict(kwargs, image_embeds=kwargs["image_embeds"] * torch.tensor([0.0, 1.0])[:, None, None])
+    with torch.no_grad():
+        for inputs in (kwargs, holes, text_to_video, one_zero_image):
+            expected = sample(stock(**inputs, return_dict=False))
+            assert expected.isfinite().all()
+            assert max_error(sample(model(**inputs, return_dict=False)), expected) <= TOLERANCE
+
+    # both breaks (the text-to-video branch, the reordering of the condition tokens) are in the
+    # forward, with or without refiner blocks: the cheaper trace
+    model, kwargs = hunyuan_video15(text_valid=(7,), text_2_valid=(3,), refiners=0)
+    make_traceable(model)
+    report = assert_one_graph_all_split(model, kwargs)
+    assert len(report.attention_sites) == 1
+
+
+def test_framepack_one_graph_equal_outputs_and_prefix_masks_only():
+    model, kwargs = framepack()
+    stock = copy.deepcopy(model)
+    assert make_traceable(model) == ["forward"]
+    assert make_traceable(model) == []
+    # batch 1 (the stock model cuts the text to its valid length) and 2 (it masks the keys)
+    one_sample = {name: value if name.startswith("indices") else value[1:] for name, value in kwargs.items()}
+    with torch.no_grad():
+        for inputs in (kwargs, one_sample):
+            expected = sample(stock(**inputs, return_dict=False))
+            assert expected.isfinite().all()
+            assert max_error(sample(model(**inputs, return_dict=False)), expected) <= TOLERANCE
+
+    # a valid token after a padded one: the stock model would take the first mask.sum() tokens
+    shuffled = dict(kwargs, encoder_attention_mask=kwargs["encoder_attention_mask"].flip(1))
+    refused = "Framepack text attention mask has a valid token after a padded one"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
+        model(**shuffled)
+
+    # the break is in the forward at every batch size: the cheaper trace, one single-stream block
+    model, kwargs = framepack(text_valid=(3,), double_layers=0, refiners=0)
+    make_traceable(model)
+    report = assert_one_graph_all_split(model, kwargs)
+    assert len(report.attention_sites) == 1
+
+
+def all_on_this_rank():
     """On one rank: each model made traceable and compiled over all ranks (Ulysses), against eager.
-    Z-Image's two samples are padded into a batch by ``pad_sequence`` (see tests/test_shard.py)."""
+    Z-Image's two samples are padded into a batch by ``pad_sequence`` (see tests/test_shard.py).
+    HunyuanVideo 1.5 without refiner blocks and Framepack with one single-stream block, to keep each
+    model under 4 s of CPU per rank: the refiners and the double-stream blocks are HunyuanVideo's,
+    checked in tests/test_shard.py."""
     errors = {}
-    for name, factory in (("lumina2", lumina2), ("z_image", z_image)):
+    for name, factory in (
+        ("lumina2", lumina2),
+        ("z_image", z_image),
+        ("hunyuan_video15", functools.partial(hunyuan_video15, refiners=0)),
+        ("framepack", functools.partial(framepack, double_layers=0, refiners=0)),
+    ):
         model, kwargs = factory()
         make_traceable(model)
         compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))
@@ -141,10 +263,10 @@ def both_on_this_rank():
     return errors
 
 
-ranks.add(2, "traceable lumina2 and z_image", both_on_this_rank)
+ranks.add(2, "traceable models", all_on_this_rank)
 
 
 @pytest.mark.ranks
 def test_outputs_on_two_ranks_match_one_process():
-    for errors in ranks.result(2, "traceable lumina2 and z_image"):
+    for errors in ranks.result(2, "traceable models"):
         assert max(errors.values()) <= TOLERANCE, errors
