@@ -135,7 +135,8 @@ def rule(*targets: Any, family: str):
 def family(target: Any) -> str | None:
     """What kind of op ``target`` is: "pointwise", "copy" (the same values again: clone, alias,
     detach), "reshape" (views that may merge or split dims), "view", "slice", "scatter", "split",
-    "join", "pad", "matmul", "norm", "reduction", "index", "conv", "collective" or "attention";
+    "join", "pad", "matmul", "norm", "reduction", "index", "conv", "factory" (a new tensor of
+    given sizes), "collective" or "attention";
     None for an op para has no rule for."""
     if target in FAMILIES:
         return FAMILIES[target]
@@ -205,6 +206,16 @@ def pointwise(call: Call, pl) -> Decision:
         else:
             return replicated(call, f"operand of shape {shape(a)} does not line up with the sharded dim")
     return Decision(required, Shard(out_dim, p.layout))
+
+
+@rule(
+    aten.new_empty.default, aten.new_empty_strided.default, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_full.default,
+    family="factory",
+)
+def new_tensor(call: Call, pl) -> Decision:
+    """A tensor of the sizes given: ``self`` lends only its dtype and device, so it stays as it is split."""
+    return keep(call, pl, call["self"], REPLICATE)
 
 
 # --- views: a dim-map table --------------------------------------------------------------------

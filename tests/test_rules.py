@@ -165,3 +165,10 @@ def test_factor_layout_inverts_repeat_and_scale():
     assert factor_layout(SEG * 2, 3, 1) is None  # 2 periods cannot be 3
     assert factor_layout(((3, 2),), 1, 4) is None  # a unit of 2 is not a multiple of 4
     assert normalize(((0, 1), (3, 1), (2, 0))) == ((3, 1),)
+
+
+def test_a_new_tensor_borrows_only_dtype_and_device():
+    """``x.new_ones(sizes)``: the result has the sizes given, whatever the split of ``x``, which stays."""
+    node, (x,) = one_op(aten.new_ones.default, torch.randn(2, 7, 8), [4, 16])
+    d = decide(node, {x: Shard(1, SEG)}, GROUP)
+    assert d.reason is None and d.out == REPLICATE and d.inputs[x] == Shard(1, SEG)
