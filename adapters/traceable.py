@@ -48,38 +48,16 @@ class MaskedJointAttnProcessor:
         attention_mask: torch.Tensor,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = attn.heads
-        query, key, value = (
-            proj(hidden_states).unflatten(2, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_query, text_key, text_value = (
-            proj(encoder_hidden_states).unflatten(2, (heads, -1))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        video, text = _joint_projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is not None:
-            query = _rotate_pairs(query, *image_rotary_emb)
-            key = _rotate_pairs(key, *image_rotary_emb)
+            video[0], video[1] = (_rotate_pairs(x, *image_rotary_emb) for x in video[:2])
 
-        video_len, text_len = query.shape[1], text_query.shape[1]
+        video_len, text_len = video[0].shape[1], text[0].shape[1]
         text_valid = attention_mask.bool()
         _check_prefix_mask(text_valid, "a Mochi text attention mask", "attention")
-        # [B, S, H, D] -> [B, H, S, D], video tokens then text tokens
-        query, key, value = (
-            torch.cat([video, text], dim=1).transpose(1, 2)
-            for video, text in ((query, text_query), (key, text_key), (value, text_value))
-        )
         video_valid = text_valid.new_ones(text_valid.shape[0], video_len)
         key_valid = torch.cat([video_valid, text_valid], dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
-        out = out.transpose(1, 2).flatten(2, 3)
+        out = _joint_attention(video, text, key_valid)
         out = out * key_valid[:, :, None].to(out.dtype)  # padded text queries give zeros, as before
         hidden_states, encoder_hidden_states = out.split_with_sizes((video_len, text_len), dim=1)
 
@@ -109,35 +87,39 @@ class HunyuanVideo15KeyMaskedAttnProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
-        heads = attn.heads
-        query, key, value = (
-            proj(hidden_states).unflatten(2, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        query, key = attn.norm_q(query), attn.norm_k(key)
+        video, text = _joint_projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        text_query, text_key, text_value = (
-            proj(encoder_hidden_states).unflatten(2, (heads, -1))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+            video[0], video[1] = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in video[:2])
 
-        video_len, text_len = query.shape[1], text_query.shape[1]
+        video_len, text_len = video[0].shape[1], text[0].shape[1]
         key_valid = F.pad(attention_mask.bool(), (video_len, 0), value=True)
-        # [B, S, H, D] -> [B, H, S, D], video tokens then text tokens
-        query, key, value = (
-            torch.cat([video, text], dim=1).transpose(1, 2)
-            for video, text in ((query, text_query), (key, text_key), (value, text_value))
-        )
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
-        hidden_states, encoder_hidden_states = out.transpose(1, 2).flatten(2, 3).split_with_sizes(
-            (video_len, text_len), dim=1
-        )
+        out = _joint_attention(video, text, key_valid)
+        hidden_states, encoder_hidden_states = out.split_with_sizes((video_len, text_len), dim=1)
         return attn.to_out[1](attn.to_out[0](hidden_states)), attn.to_add_out(encoder_hidden_states)
+
+
+def _joint_projections(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The video and the text stream's query, key and value, [B, S, H, D], queries and keys
+    normalised where ``attn`` has norms for them."""
+    video = [proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+    text = [
+        proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    ]
+    for stream, norms in ((video, (attn.norm_q, attn.norm_k)), (text, (attn.norm_added_q, attn.norm_added_k))):
+        for i, norm in enumerate(norms):
+            if norm is not None:
+                stream[i] = norm(stream[i])
+    return video, text
+
+
+def _joint_attention(video: list[torch.Tensor], text: list[torch.Tensor], key_valid: torch.Tensor) -> torch.Tensor:
+    """One SDPA over video then text tokens, keys masked by ``key_valid`` [B, S]: [B, S, H * D]."""
+    query, key, value = (torch.cat([v, t], dim=1).transpose(1, 2) for v, t in zip(video, text))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+    return out.transpose(1, 2).flatten(2, 3)
 
 
 def _check_prefix_mask(valid: torch.Tensor, what: str, stand_in: str) -> None:
@@ -341,18 +323,7 @@ def _hunyuan_video15_static_forward(
             )
 
     hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
-    output = (
-        hidden_states.reshape(batch_size, frames, rows, cols, -1, p_t, p, p)
-        .permute(0, 4, 1, 5, 2, 6, 3, 7)
-        .flatten(6, 7)
-        .flatten(4, 5)
-        .flatten(2, 3)
-    )
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _video_output(hidden_states, (frames, rows, cols), (p_t, p), return_dict)
 
 
 def _framepack_static_forward(
@@ -385,7 +356,7 @@ def _framepack_static_forward(
     this program only for prefix text masks (right padding, what the pipeline's tokenizer makes),
     so other masks raise an error instead of giving other results.
     """
-    batch_size, _, num_frames, height, width = hidden_states.shape
+    _, _, num_frames, height, width = hidden_states.shape
     p, p_t = self.config.patch_size, self.config.patch_size_t
     frames, rows, cols = num_frames // p_t, height // p, width // p
 
@@ -424,8 +395,14 @@ def _framepack_static_forward(
 
     hidden_states = hidden_states[:, -frames * rows * cols :]
     hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
+    return _video_output(hidden_states, (frames, rows, cols), (p_t, p), return_dict)
+
+
+def _video_output(hidden_states: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int], return_dict: bool) -> Any:
+    """Tokens [B, F * H * W, C * pt * p * p] as the stock forwards return them: [B, C, F * pt, H * p, W * p]."""
+    (frames, rows, cols), (p_t, p) = grid, patch
     output = (
-        hidden_states.reshape(batch_size, frames, rows, cols, -1, p_t, p, p)
+        hidden_states.reshape(hidden_states.shape[0], frames, rows, cols, -1, p_t, p, p)
         .permute(0, 4, 1, 5, 2, 6, 3, 7)
         .flatten(6, 7)
         .flatten(4, 5)

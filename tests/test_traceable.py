@@ -131,6 +131,21 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def made_traceable(model, changed):
+    """``model`` as it was, after checking that make_traceable changes ``changed`` on it, once."""
+    stock = copy.deepcopy(model)
+    assert make_traceable(model) == changed
+    assert make_traceable(model) == []
+    return stock
+
+
+def assert_one_site_split_once_traceable(model, kwargs):
+    """The cheapest config that still has the breaks: one graph, its one attention site split."""
+    make_traceable(model)
+    report = assert_one_graph_all_split(model, kwargs)
+    assert len(report.attention_sites) == 1
+
+
 def assert_one_graph_all_split(model, kwargs):
     torch._dynamo.reset()
     report = para_fx.explain(model, kwargs=kwargs, world_size=2)
@@ -143,9 +158,7 @@ def assert_one_graph_all_split(model, kwargs):
 
 def test_lumina2_one_graph_equal_outputs_and_prefix_masks_only():
     model, kwargs = lumina2()
-    stock = copy.deepcopy(model)
-    assert make_traceable(model) == ["forward"]
-    assert make_traceable(model) == []
+    stock = made_traceable(model, ["forward"])
     assert "forward" not in vars(stock)  # the instance is changed, not the class
     with torch.no_grad():
         expected = sample(stock(**kwargs, return_dict=False))
@@ -165,16 +178,12 @@ def test_lumina2_one_graph_equal_outputs_and_prefix_masks_only():
     # the graph breaks were in the forward, around the blocks (the refiners' attention is
     # structure bench/model_coverage.py records): the cheaper trace, with the joint block only
     model, kwargs = lumina2(refiners=0)
-    make_traceable(model)
-    report = assert_one_graph_all_split(model, kwargs)
-    assert len(report.attention_sites) == 1
+    assert_one_site_split_once_traceable(model, kwargs)
 
 
 def test_z_image_one_graph_equal_outputs():
     model, kwargs = z_image()
-    stock = copy.deepcopy(model)
-    assert make_traceable(model) == ["rope_embedder"]
-    assert make_traceable(model) == []
+    stock = made_traceable(model, ["rope_embedder"])
     with torch.no_grad():
         expected = sample(stock(**kwargs, return_dict=False))
         assert max_error(sample(model(**kwargs, return_dict=False)), expected) <= TOLERANCE
@@ -182,16 +191,12 @@ def test_z_image_one_graph_equal_outputs():
     # the break is in the RoPE of every sequence, which runs without refiner blocks too (the
     # refiners' attention is structure bench/model_coverage.py records): the cheaper trace
     model, kwargs = z_image(refiners=0)
-    make_traceable(model)
-    report = assert_one_graph_all_split(model, kwargs)
-    assert len(report.attention_sites) == 1
+    assert_one_site_split_once_traceable(model, kwargs)
 
 
 def test_hunyuan_video15_one_graph_equal_outputs_for_any_masks():
     model, kwargs = hunyuan_video15()
-    stock = copy.deepcopy(model)
-    assert make_traceable(model) == ["forward", "transformer_blocks.0.attn"]
-    assert make_traceable(model) == []
+    stock = made_traceable(model, ["forward", "transformer_blocks.0.attn"])
     # holes in the masks, not only padding: the stock model gathers the valid tokens by boolean
     # indexing, so any mask is followed and none is refused; the first sample has no valid MLLM
     # token (the refiner gives it NaN, which must not reach the outputs)
@@ -210,16 +215,12 @@ def test_hunyuan_video15_one_graph_equal_outputs_for_any_masks():
     # both breaks (the text-to-video branch, the reordering of the condition tokens) are in the
     # forward, with or without refiner blocks: the cheaper trace
     model, kwargs = hunyuan_video15(text_valid=(7,), text_2_valid=(3,), refiners=0)
-    make_traceable(model)
-    report = assert_one_graph_all_split(model, kwargs)
-    assert len(report.attention_sites) == 1
+    assert_one_site_split_once_traceable(model, kwargs)
 
 
 def test_framepack_one_graph_equal_outputs_and_prefix_masks_only():
     model, kwargs = framepack()
-    stock = copy.deepcopy(model)
-    assert make_traceable(model) == ["forward"]
-    assert make_traceable(model) == []
+    stock = made_traceable(model, ["forward"])
     # batch 1 (the stock model cuts the text to its valid length) and 2 (it masks the keys)
     one_sample = {name: value if name.startswith("indices") else value[1:] for name, value in kwargs.items()}
     with torch.no_grad():
@@ -236,9 +237,7 @@ def test_framepack_one_graph_equal_outputs_and_prefix_masks_only():
 
     # the break is in the forward at every batch size: the cheaper trace, one single-stream block
     model, kwargs = framepack(text_valid=(3,), double_layers=0, refiners=0)
-    make_traceable(model)
-    report = assert_one_graph_all_split(model, kwargs)
-    assert len(report.attention_sites) == 1
+    assert_one_site_split_once_traceable(model, kwargs)
 
 
 def all_on_this_rank():
