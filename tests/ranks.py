@@ -58,6 +58,11 @@ def add(world: int, name: str, fn: Callable, *args: Any, prepared: Callable[[], 
     cases[name] = (fn, args, prepared)
 
 
+def mesh_id(value: Any) -> str:
+    """A mesh shape as "1x2x1", for case names and test ids; other parameters as they print."""
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def start(world: int) -> None:
     """Start the world-``world`` ranks on the cases that need nothing prepared (idempotent)."""
     if world in _CASES and world not in _SPAWNS:

@@ -46,11 +46,6 @@ def shard(x, mesh_shape, coords, seq_dim=2):
     return torch.tensor_split(x, ring * ulysses, dim=seq_dim)[r * ulysses + u]
 
 
-def mesh_id(value):
-    """A mesh shape as "1x2x1" (test ids and case names); other parameters as they print."""
-    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def attention_errors(mesh_shape, cases, compiler=None, ring_kv="pass"):
     """On one rank: the max abs error of each case against this rank's shard of full SDPA."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
@@ -77,17 +72,17 @@ def attention_errors(mesh_shape, cases, compiler=None, ring_kv="pass"):
 
 MESH_CASES = [(world, mesh_shape) for world, shapes in MESHES.items() for mesh_shape in shapes]
 for _world, _mesh_shape in MESH_CASES:
-    ranks.add(_world, f"attention {mesh_id(_mesh_shape)}", attention_errors, _mesh_shape, CASES)
+    ranks.add(_world, f"attention {ranks.mesh_id(_mesh_shape)}", attention_errors, _mesh_shape, CASES)
 GATHER_CASES = [(world, mesh_shape) for world, mesh_shape in MESH_CASES if mesh_shape[1] > 1]
 for _world, _mesh_shape in GATHER_CASES:
-    ranks.add(_world, f"attention gather {mesh_id(_mesh_shape)}", attention_errors, _mesh_shape, CASES, None,
+    ranks.add(_world, f"attention gather {ranks.mesh_id(_mesh_shape)}", attention_errors, _mesh_shape, CASES, None,
               "gather")
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("world, mesh_shape", MESH_CASES, ids=mesh_id)
+@pytest.mark.parametrize("world, mesh_shape", MESH_CASES, ids=ranks.mesh_id)
 def test_every_mesh_matches_full_sdpa(world, mesh_shape):
-    assert_every_case_matches(ranks.result(world, f"attention {mesh_id(mesh_shape)}"), mesh_shape)
+    assert_every_case_matches(ranks.result(world, f"attention {ranks.mesh_id(mesh_shape)}"), mesh_shape)
 
 
 def assert_every_case_matches(per_rank, mesh_shape):
@@ -98,10 +93,10 @@ def assert_every_case_matches(per_rank, mesh_shape):
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("world, mesh_shape", GATHER_CASES, ids=mesh_id)
+@pytest.mark.parametrize("world, mesh_shape", GATHER_CASES, ids=ranks.mesh_id)
 def test_gathered_ring_matches_full_sdpa(world, mesh_shape):
     """``ring_kv="gather"``: every block gathered and attended at once, the heads in two chunks."""
-    assert_every_case_matches(ranks.result(world, f"attention gather {mesh_id(mesh_shape)}"), mesh_shape)
+    assert_every_case_matches(ranks.result(world, f"attention gather {ranks.mesh_id(mesh_shape)}"), mesh_shape)
 
 
 def explicit_lengths_and_scale():
@@ -148,13 +143,13 @@ def causal_and_grouped_errors(mesh_shape, causal=True, ring_kv="pass"):
 
 
 for _mesh_shape in MESHES[2]:
-    ranks.add(2, f"attention causal {mesh_id(_mesh_shape)}", causal_and_grouped_errors, _mesh_shape)
+    ranks.add(2, f"attention causal {ranks.mesh_id(_mesh_shape)}", causal_and_grouped_errors, _mesh_shape)
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("mesh_shape", MESHES[2], ids=mesh_id)
+@pytest.mark.parametrize("mesh_shape", MESHES[2], ids=ranks.mesh_id)
 def test_causal_and_grouped_query_attention_match_sdpa(mesh_shape):
-    for rank, errors in enumerate(ranks.result(2, f"attention causal {mesh_id(mesh_shape)}")):
+    for rank, errors in enumerate(ranks.result(2, f"attention causal {ranks.mesh_id(mesh_shape)}")):
         assert len(errors) == len(CAUSAL_CASES) and max(errors) <= 1e-5, f"mesh {mesh_shape} rank {rank}: {errors}"
 
 
@@ -162,14 +157,14 @@ def test_causal_and_grouped_query_attention_match_sdpa(mesh_shape):
 # hybrid (Ulysses leaves each rank 2 or 3 query heads)
 GATHER_GQA_MESHES = [(2, (1, 2, 1)), (4, (1, 2, 2))]
 for _world, _mesh_shape in GATHER_GQA_MESHES:
-    ranks.add(_world, f"attention gather grouped {mesh_id(_mesh_shape)}", causal_and_grouped_errors,
+    ranks.add(_world, f"attention gather grouped {ranks.mesh_id(_mesh_shape)}", causal_and_grouped_errors,
               _mesh_shape, False, "gather")
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("world, mesh_shape", GATHER_GQA_MESHES, ids=mesh_id)
+@pytest.mark.parametrize("world, mesh_shape", GATHER_GQA_MESHES, ids=ranks.mesh_id)
 def test_gathered_ring_with_grouped_query_heads_matches_sdpa(world, mesh_shape):
-    for rank, errors in enumerate(ranks.result(world, f"attention gather grouped {mesh_id(mesh_shape)}")):
+    for rank, errors in enumerate(ranks.result(world, f"attention gather grouped {ranks.mesh_id(mesh_shape)}")):
         assert len(errors) == len(CAUSAL_CASES) and max(errors) <= 1e-5, f"mesh {mesh_shape} rank {rank}: {errors}"
 
 

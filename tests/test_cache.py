@@ -285,7 +285,7 @@ SAME_BRANCH = [(mesh_shape, name) for mesh_shape in [(1, 1, 2), (2, 1, 1)] for n
 
 def same_branch_case(mesh_shape, name):
     """(world size, case name) of a model's cached run on a mesh."""
-    return mesh_shape[0] * mesh_shape[1] * mesh_shape[2], f"cache {'x'.join(map(str, mesh_shape))} {name}"
+    return mesh_shape[0] * mesh_shape[1] * mesh_shape[2], f"cache {ranks.mesh_id(mesh_shape)} {name}"
 
 
 for _mesh_shape, _name in SAME_BRANCH:
@@ -293,7 +293,7 @@ for _mesh_shape, _name in SAME_BRANCH:
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("mesh_shape, name", SAME_BRANCH, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("mesh_shape, name", SAME_BRANCH, ids=ranks.mesh_id)
 def test_ranks_take_the_same_branch_as_one_process(mesh_shape, name):
     _, expected, expected_stats = reference_runs()[name]
     for outs, stats, rank in ranks.result(*same_branch_case(mesh_shape, name)):

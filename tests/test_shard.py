@@ -50,14 +50,10 @@ def model_and_inputs(name, **overrides):
     return model, kwargs
 
 
-def case_id(value):
-    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 # --- structure, in-process ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mesh_shape, name", CASES, ids=case_id)
+@pytest.mark.parametrize("mesh_shape, name", CASES, ids=ranks.mesh_id)
 def test_structure_on_a_simulated_mesh(mesh_shape, name):
     model, kwargs = model_and_inputs(name)
     batch, ring, ulysses = mesh_shape
@@ -100,7 +96,7 @@ def assert_blocks_context_parallel(name, mesh_shape, **overrides):
     assert all("blocks." not in c.module for c in report.collectives if c.kind.startswith("all_gather")), report.collectives
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (1, 2, 1), (1, 1, 4), (1, 2, 2)], ids=case_id)
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 2), (1, 2, 1), (1, 1, 4), (1, 2, 2)], ids=ranks.mesh_id)
 @pytest.mark.parametrize("name", BATCH_TWO)
 def test_every_self_attention_is_context_parallel_at_batch_two(name, mesh_shape):
     assert_blocks_context_parallel(name, mesh_shape)
@@ -186,13 +182,13 @@ def compiled_error(mesh_shape, name):
 ELSEWHERE = {((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "sd3"), ((1, 2, 2), "cogvideox")}
 NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE] + [((1, 1, 2), "linear_attention_dit")]
 for _mesh_shape, _name in NUMERIC_CASES:
-    ranks.add(world_of(_mesh_shape), f"shard {case_id(_mesh_shape)} {_name}", compiled_error, _mesh_shape, _name)
+    ranks.add(world_of(_mesh_shape), f"shard {ranks.mesh_id(_mesh_shape)} {_name}", compiled_error, _mesh_shape, _name)
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("mesh_shape, name", NUMERIC_CASES, ids=case_id)
+@pytest.mark.parametrize("mesh_shape, name", NUMERIC_CASES, ids=ranks.mesh_id)
 def test_outputs_match_single_process(mesh_shape, name):
-    errors = ranks.result(world_of(mesh_shape), f"shard {case_id(mesh_shape)} {name}")
+    errors = ranks.result(world_of(mesh_shape), f"shard {ranks.mesh_id(mesh_shape)} {name}")
     assert max(errors) <= 1e-4, f"{name} mesh {mesh_shape}: max abs error per rank {errors}"
 
 

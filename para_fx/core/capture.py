@@ -37,12 +37,11 @@ def capture_aten(
     read_values = {placeholders[i]: value for i, value in (scalars or {}).items()}
 
     traced = _trace(gm, fake_mode, fake_inputs, functional, read_values)
-    _name_inputs(gm, traced)
     if functional and _writes_in_place(traced):
         # ``functionalize`` does not see the writes of an op whose kernel runs below it (pad_sequence
         # copies its sequences into a zero buffer): traced again, they are plain aten ops that it rewrites
         traced = _trace(traced, fake_mode, fake_inputs, functional, {})
-        _name_inputs(gm, traced)
+    _name_inputs(gm, traced)
     traced.recompile()
     return traced
 
