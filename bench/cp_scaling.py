@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from para_fx.runtime.attention import RING_KV  # noqa: E402
+from para_fx.runtime.attention import RING_KV, RING_TRANSPORTS  # noqa: E402
 
 MODELS = ("flux_1024", "flux_2048", "hunyuan_720p")
 
@@ -92,7 +92,8 @@ class Job:
                 if self.args.trace and self.rank == 0:
                     os.makedirs(self.args.trace, exist_ok=True)
                     trace = os.path.join(self.args.trace, key.replace("/", "_") + ".json.gz")
-                self.runs[key]["profile"] = harness.kernel_profile(step, inputs, self.device, trace=trace)
+                self.runs[key]["profile"] = harness.kernel_profile(step, inputs, self.device, top=self.args.profile_top,
+                                                                   trace=trace)
             if self.rank == 0:
                 print(f"[cp_scaling] world {self.world} {key}: {self.runs[key]['ms']:.2f} ms/step", flush=True)
         except Exception as error:  # one configuration failing must not lose the job
@@ -220,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated meshes on which to also run para without its comm/compute "
                              "reordering (para_no_overlap rows): the before of the overlap comparison")
     parser.add_argument("--profile", action="store_true", help="a kernel profile of each run: NCCL time and exposed NCCL time")
+    parser.add_argument("--profile-top", type=int, default=15, help="with --profile: how many kernels to list, slowest first")
     parser.add_argument("--trace", default=None, help="with --profile: a folder for rank 0's Chrome traces (.json.gz)")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="also run para and ParaAttention with mode='reduce-overhead' (CUDA graphs): *_cudagraphs rows")
@@ -233,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="para with shared_blocks=True (each distinct block compiled once): rows labelled para+shared_blocks")
     parser.add_argument("--ring-kv", choices=RING_KV, default="pass",
                         help="para with ring_kv=...: rows other than pass labelled para+ring_kv_gather")
+    parser.add_argument("--ring-transport", choices=RING_TRANSPORTS, default="nccl",
+                        help="para with ring_transport=...: rows other than nccl labelled para+ring_transport_copy_engine")
     parser.add_argument("--kind", default=None, help="names the result file (default: GPU model and count)")
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)
@@ -240,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.para_options = {name: True for name in ("fuse_projections", "schedule_collectives", "shared_blocks") if getattr(args, name)}
     if args.ring_kv != "pass":
         args.para_options["ring_kv"] = args.ring_kv
+    if args.ring_transport != "nccl":
+        args.para_options["ring_transport"] = args.ring_transport
     args.para_label = "+".join(["para", *(name if value is True else f"{name}_{value}" for name, value in args.para_options.items())])
     args.meshes = [m.strip() for m in args.meshes.split(",") if m.strip()] if args.meshes else []
     args.no_overlap = [m.strip() for m in args.no_overlap.split(",") if m.strip()]

@@ -42,6 +42,7 @@ class ShardSpec:
     group: Group
     info: MeshInfo
     ring_kv: str = "pass"  # how Ring brings keys/values: "pass" or "gather" (runtime/attention.py)
+    ring_transport: str = "nccl"  # what carries them: "nccl" or "copy_engine" (runtime/attention.py)
 
     @property
     def attention_dim(self) -> int:
@@ -315,7 +316,8 @@ class _Emitter:
             tuple(args),
             node,
             dict(info=dataclasses.astuple(self.spec.info), q_layout=d.inputs[q].layout, kv_layout=d.inputs[k].layout,
-                 scale=scale, causal=a["is_causal"], ring_kv=self.spec.ring_kv),
+                 scale=scale, causal=a["is_causal"], ring_kv=self.spec.ring_kv,
+                 ring_transport=self.spec.ring_transport),
         )
         mark(out, para_site=self.site_index[node])
         out = self.moves.restride(out, node, node)
@@ -325,11 +327,11 @@ class _Emitter:
         self.placements[node] = d.out
 
 
-def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal, ring_kv):
+def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal, ring_kv, ring_transport):
     """The graph's call into :func:`sharded_attention` (mesh info travels as a plain tuple)."""
     return sharded_attention(
         q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale, causal=causal,
-        ring_kv=ring_kv,
+        ring_kv=ring_kv, ring_transport=ring_transport,
     )
 
 

@@ -1,6 +1,7 @@
 """The GPU tier's worker, one process per GPU under torchrun: every seed model in bf16 on
 Ulysses and Ring over the whole world (NCCL, aot_eager), Ring also with gathered keys/values
-(``ring_kv="gather"``), against single-GPU eager.
+(``ring_kv="gather"``) and with its blocks carried by the copy engines
+(``ring_transport="copy_engine"``), against single-GPU eager.
 
     torchrun --nproc_per_node=2 tests/gpu_worker.py OUT.json [model ...]
 
@@ -39,6 +40,15 @@ MODELS = {
 }
 
 
+# (label, Ring over the world, Ulysses over the world, backend options); labels as at world 2
+MESHES = [
+    ("ring1_ulysses2", False, True, {}),
+    ("ring2_ulysses1", True, False, {}),
+    ("ring2_ulysses1_gather", True, False, {"ring_kv": "gather"}),
+    ("ring2_ulysses1_copy_engine", True, False, {"ring_transport": "copy_engine"}),
+]
+
+
 def to_device(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device, torch.bfloat16 if value.is_floating_point() else None)
@@ -64,13 +74,13 @@ def check_model(name: str, device: torch.device) -> dict:
         expected = dits.first_tensor(model(**kwargs))
         with sdpa_kernel(SDPBackend.MATH):
             result["noise"] = relative_error(dits.first_tensor(model(**kwargs)), expected)
-        for ring, ulysses, ring_kv in ((1, world, "pass"), (world, 1, "pass"), (world, 1, "gather")):
-            mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
+        for label, ring, ulysses, options in MESHES:
+            mesh = para_fx.init_mesh(ring=world if ring else 1, ulysses=world if ulysses else 1)
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager", ring_kv=ring_kv))
+            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager", **options))
             with recording() as report:
                 error = relative_error(dits.first_tensor(compiled(**kwargs)), expected)
-            result[f"ring{ring}_ulysses{ulysses}" + ("_gather" if ring_kv == "gather" else "")] = dict(
+            result[label] = dict(
                 rel_err=error,
                 graphs=report.graph_count,
                 fallbacks_in_blocks=[f"{f.module}: {f.op} ({f.reason})" for f in report.fallbacks if "blocks." in f.module],

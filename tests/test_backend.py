@@ -156,6 +156,26 @@ def test_ring_kv_gather_gathers_keys_and_values_at_every_ring_site():
         para_fx.backend(ring_kv="scatter")
 
 
+def test_ring_transport_reaches_every_ring_pass_and_is_checked_against_the_mesh(monkeypatch):
+    """On CPU the copy engines are not used (gloo carries the blocks either way): what is checked here
+    is that the option reaches each Ring pass, and which meshes refuse it; the GPU tier checks the
+    outputs (tests/gpu_worker.py, "ring2_ulysses1_copy_engine")."""
+    from para_fx.runtime import attention
+
+    passed = []
+    real_pass = attention._pass_to_next
+    monkeypatch.setattr(attention, "_pass_to_next", lambda x, info, transport: passed.append(transport) or real_pass(x, info))
+    model, kwargs = joint_dit()
+    torch._dynamo.reset()
+    with simulated_mesh(2, ring=2) as mesh, torch.no_grad():
+        torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager", ring_transport="copy_engine"))(**kwargs)
+    assert passed and set(passed) == {"copy_engine"}, passed
+    with pytest.raises(ValueError, match="ring_transport must be one of"):
+        para_fx.backend(ring_transport="pigeon")
+    with simulated_mesh(4, ring=4) as mesh, pytest.raises(ValueError, match="ring of 2 ranks, this mesh's ring has 4"):
+        para_fx.backend(mesh=mesh, ring_transport="copy_engine")
+
+
 def mesh_shapes_and_errors():
     shapes = {}
     for kwargs in ({}, {"ring": 2}, {"ulysses": 2}, {"batch": 2}, {"batch": 2, "ring": 2}):

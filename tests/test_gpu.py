@@ -1,5 +1,5 @@
 """The GPU tier: every seed model on 2 GPUs (NCCL, bf16), Ulysses 2 and Ring 2 (keys/values
-passed, and gathered), against single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is
+passed by NCCL or by the copy engines, and gathered), against single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is
 unchanged; run it with
 
     python -m pytest -q -m gpu tests/test_gpu.py
@@ -33,14 +33,17 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+# tests/gpu_worker.py's MESHES, by label (the worker runs under torchrun, apart from pytest)
+MESHES = ["ring1_ulysses2", "ring2_ulysses1", "ring2_ulysses1_gather", "ring2_ulysses1_copy_engine"]
 MODELS = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_dit", "joint_dit"]
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("mesh", ["ring1_ulysses2", "ring2_ulysses1", "ring2_ulysses1_gather"])
+@pytest.mark.parametrize("mesh", MESHES)
 def test_model_on_two_gpus_matches_eager(results, name, mesh):
     result = results[name]
     assert "error" not in result, result.get("error")
+    assert set(result) == {"noise", *MESHES}, f"{name}: the worker's meshes differ from this file's: {sorted(result)}"
     r = result[mesh]
     assert r["graphs"] == 1, f"{name} {mesh}: {r['graphs']} graphs"
     assert not r["fallbacks_in_blocks"], f"{name} {mesh}: fallbacks inside the blocks: {r['fallbacks_in_blocks']}"

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .agreement import check_mode, with_input_check
 from .cache import FirstBlockCache
-from ..runtime.attention import RING_KV
+from ..runtime.attention import RING_KV, check_ring_transport
 from ..runtime.cache import CachedGraph
 from .capture import SubclassFlattener, capture_aten, flatten_subclasses, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
@@ -54,6 +54,7 @@ class Options:
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
     ring_kv: str = "pass"  # how Ring brings the other ranks' keys/values (runtime/attention.py)
+    ring_transport: str = "nccl"  # what carries them between GPUs (runtime/attention.py)
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
     static_graphs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -88,6 +89,7 @@ def backend(
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
     ring_kv: str = "pass",
+    ring_transport: str = "nccl",
 ) -> ParaBackend:
     """A para-fx Dynamo backend for ``torch.compile(model, backend=...)``.
 
@@ -108,7 +110,9 @@ def backend(
     ``ring_kv``: how Ring attention brings the other ranks' keys/values: "pass" them round the
     ring, one block per step while the current one computes (memory for two blocks), or "gather"
     them all at once, each attention one kernel with no merge of partial results (memory for
-    every block) (:func:`para_fx.runtime.attention.sharded_attention`).
+    every block) (:func:`para_fx.runtime.attention.sharded_attention`). ``ring_transport``: what
+    carries the passed blocks between GPUs: "nccl", or "copy_engine" (a ring of 2): the copy
+    engines through symmetric memory, leaving every SM to the attention the transfer overlaps.
 
     ``shared_blocks`` (experimental, off until a GPU run measures it): each transformer block
     becomes a call of one ``invoke_subgraph`` per distinct block, so Inductor compiles FLUX's 57
@@ -123,14 +127,16 @@ def backend(
     if mesh is not None:
         if not isinstance(mesh, DeviceMesh):
             raise TypeError(f"para_fx.backend: mesh must be a DeviceMesh from para_fx.init_mesh, got {type(mesh).__name__}")
-        mesh_info(mesh)  # validates the dims now rather than at the first call
+        check_ring_transport(ring_transport, mesh_info(mesh).ring)  # validates the dims now, not at the first call
+    else:
+        check_ring_transport(ring_transport, 1)
     if cache is not None and not isinstance(cache, FirstBlockCache):
         raise TypeError(f"para_fx.backend: cache must be a para_fx.FirstBlockCache, got {type(cache).__name__}")
     return ParaBackend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
             fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
-            shared_blocks=shared_blocks, ring_kv=ring_kv,
+            shared_blocks=shared_blocks, ring_kv=ring_kv, ring_transport=ring_transport,
         )
     )
 
@@ -292,7 +298,7 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
         ("seq", info.seq, info.seq_rank, info.seq_group),
     ):
         if parts > 1:
-            spec = ShardSpec(kind, Group(parts, rank, group), info, options.ring_kv)
+            spec = ShardSpec(kind, Group(parts, rank, group), info, options.ring_kv, options.ring_transport)
             graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
             report.add_graph(f"shard_{kind}", graph)
     if options.schedule_collectives and overlap_collectives(graph):

@@ -41,6 +41,7 @@ def context_parallel_attention(
     kv_len: int | None = None,
     is_causal: bool = False,
     ring_kv: str = "pass",
+    ring_transport: str = "nccl",
 ) -> torch.Tensor:
     """This rank's shard of ``scaled_dot_product_attention`` over the whole sequence.
 
@@ -54,8 +55,8 @@ def context_parallel_attention(
     caller changes lengths between calls, so every rank's graph agrees on them.
     ``is_causal``: query i attends to keys 0..i by global position, as SDPA's ``is_causal``.
     Key/value may have fewer heads than the query (grouped-query attention, SDPA's ``enable_gqa``).
-    ``ring_kv``: "pass" or "gather", how Ring brings the other ranks' keys/values (see
-    :func:`sharded_attention`).
+    ``ring_kv``: "pass" or "gather", how Ring brings the other ranks' keys/values, and
+    ``ring_transport``: "nccl" or "copy_engine", what carries them (see :func:`sharded_attention`).
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError("context_parallel_attention expects [B, H, S, D] query, key and value")
@@ -86,7 +87,7 @@ def context_parallel_attention(
     bias = None if attn_mask is None else _key_mask_to_bias(attn_mask, query.dtype)
     out = sharded_attention(
         query, key, value, info, q_layout=plain(query_len), kv_layout=plain(kv_len), bias=bias, scale=scale,
-        causal=is_causal, ring_kv=ring_kv,
+        causal=is_causal, ring_kv=ring_kv, ring_transport=ring_transport,
     )
     if isinstance(out, funcol.AsyncCollectiveTensor):  # eager: finish the transfer before the caller
         out = out.wait()  # sees it (torch.save, all_gather_object and .numpy() read memory as it is)
@@ -153,6 +154,7 @@ def sharded_attention(
     scale: float,
     causal: bool = False,
     ring_kv: str = "pass",
+    ring_transport: str = "nccl",
 ) -> torch.Tensor:
     """Ulysses over the "ulysses" dim, then Ring over the "ring" dim.
 
@@ -166,10 +168,14 @@ def sharded_attention(
     the ring, one block per step while the current one computes, merging partial outputs by their
     log-sum-exp; or "gather" them all at once and attend in one kernel per head chunk, the second
     chunk's transfer hidden behind the first chunk's attention (no merge, longer kernels; memory for
-    every block; causal attention always passes).
+    every block; causal attention always passes). ``ring_transport``: what carries the passed blocks
+    between CUDA devices: "nccl" kernels, or "copy_engine" (Ring of 2 only): the GPUs' copy engines
+    through symmetric memory, so that no SM is taken from the attention the transfer overlaps.
+    Elsewhere (CPU, gathered blocks, Ulysses) the transfers are NCCL's or gloo's either way.
     """
     if ring_kv not in RING_KV:
         raise ValueError(f"sharded_attention: ring_kv must be one of {RING_KV}, got {ring_kv!r}")
+    check_ring_transport(ring_transport, info.ring)
     heads = q.shape[1]
     n, u = info.seq, info.ulysses
     q_lens = [local_size(q_layout, n, r) for r in range(n)]
@@ -200,13 +206,22 @@ def sharded_attention(
     if ring_kv == "gather" and info.ring > 1 and not causal:
         out = _gathered_attention(q, kv, info, ring_kv_lens, blocks, scale)
     else:
-        out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale)
+        out = _ring_attention(q, kv, info, ring_kv_lens, blocks, scale, ring_transport)
     if u > 1:
         out = _heads_to_sequence(out, [q_lens[r] for r in mine], heads, info)
     return out
 
 
 RING_KV = ("pass", "gather")
+RING_TRANSPORTS = ("nccl", "copy_engine")
+
+
+def check_ring_transport(transport: str, ring: int) -> None:
+    """Refuse a transport that cannot carry this ring's blocks."""
+    if transport not in RING_TRANSPORTS:
+        raise ValueError(f"ring_transport must be one of {RING_TRANSPORTS}, got {transport!r}")
+    if transport == "copy_engine" and ring > 2:
+        raise ValueError(f"ring_transport='copy_engine' passes blocks in a ring of 2 ranks, this mesh's ring has {ring}")
 
 
 class BlockMask(NamedTuple):
@@ -304,7 +319,7 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
-def _ring_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMask], scale: float):
+def _ring_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMask], scale: float, transport: str = "nccl"):
     """Attend to every ring group's key/value block, passing blocks on while the current one computes."""
     r = info.ring
     if r == 1:  # one block: no log-sum-exp to merge, so SDPA's own choice of kernel
@@ -318,7 +333,7 @@ def _ring_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[BlockMas
     for step in range(r):
         source = (info.ring_rank - step) % r
         if step + 1 < r:
-            next_kv = _pass_to_next(kv, info)
+            next_kv = _pass_to_next(kv, info, transport)
         if lens[source] and not masks[source].skip:
             block = kv[..., : lens[source], :]
             mask = masks[source]
@@ -358,15 +373,40 @@ def _gathered_attention(q, kv, info: MeshInfo, lens: list[int], masks: list[Bloc
     return outs[0] if chunks == 1 else torch.cat(outs, dim=1)
 
 
-def _pass_to_next(x: torch.Tensor, info: MeshInfo) -> torch.Tensor:
+def _pass_to_next(x: torch.Tensor, info: MeshInfo, transport: str = "nccl") -> torch.Tensor:
     """Send ``x`` to the next ring rank and receive the previous one's (an all-to-all with one non-empty split)."""
     r, me = info.ring, info.ring_rank
     flat = x.reshape(-1)
+    if transport == "copy_engine" and x.is_cuda:
+        return _swap_on_copy_engine(flat, info).view(x.shape)
     send = [0] * r
     recv = [0] * r
     send[(me + 1) % r] = flat.numel()
     recv[(me - 1) % r] = flat.numel()
     return funcol.all_to_all_single(flat, recv, send, info.ring_group).view(x.shape)
+
+
+def _swap_on_copy_engine(flat: torch.Tensor, info: MeshInfo) -> torch.Tensor:
+    """The other rank's ``flat`` in a ring of 2: an all-gather through symmetric memory whose copies
+    the copy engines make (NCCL's kernels would hold SMs that the overlapped attention and matmuls
+    need). Asynchronous as the functional collectives are: the result is waited for where used."""
+    _symmetric_workspace(info.ring_group, flat.numel() * flat.element_size())
+    both = torch.ops.symm_mem._low_contention_all_gather(flat, info.ring_group)
+    return funcol._maybe_wrap_tensor(both).view(2, -1)[1 - info.ring_rank]
+
+
+def _symmetric_workspace(group: str, nbytes: int) -> None:
+    """The group's symmetric-memory workspace, made now (when the graph is traced) with room for
+    ``nbytes``: made at the first transfer instead, its rendezvous would allocate inside a CUDA
+    graph's memory pool, which CUDA graphs refuse. Every rank traces the same transfers, so the
+    rendezvous (a collective) happens on all of them."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed import _symmetric_memory as symm_mem
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    symm_mem.enable_symm_mem_for_group(group)  # once per group; a no-op afterwards
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        symm_mem.get_symm_mem_workspace(group, nbytes)
 
 
 def _merge(out, lse, block_out, block_lse):
