@@ -31,7 +31,9 @@ import torch
 import para_fx
 from para_fx.adapters.traceable import make_traceable
 
-SPLIT = ("ulysses", "ring", "hybrid")
+# strategies of a site whose queries are split over the ranks ("local": keys and values whole on
+# every rank, such as the text of a cross-attention, next to linear self-attention in Sana)
+SPLIT = ("ulysses", "ring", "hybrid", "local")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -118,8 +120,8 @@ def _why(row: dict) -> str:
 
 
 def verdict(row: dict) -> str:
-    """What a user gets: split (every token-attention split, no fallback in the blocks), partly
-    split, or not split."""
+    """What a user gets: split (the tokens split at the attention sites, no fallback in the blocks),
+    partly split, or not split."""
     if "not_run" in row:
         return "-"
     if "error" in row:

@@ -16,7 +16,9 @@ import torch.fx as fx
 
 from para_fx.core.placement import Layout, Partial, Shard
 
-from .shard_rules import RESHAPES, Call, Decision, Group, reduced_dims, shape, slice_bounds
+from para_fx.runtime.halo import halo_convolution
+
+from .shard_rules import RESHAPES, Call, Decision, Group, conv_window, reduced_dims, shape, slice_bounds
 
 aten = torch.ops.aten
 
@@ -103,6 +105,16 @@ def _mean(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
                               dtype=call.get("dtype"))
 
 
+def _convolution(call: Call, d: Decision, g: Group) -> tuple[Any, dict]:
+    """Over split rows with padding: the convolution of this rank's rows and its neighbours' borders."""
+    p = d.inputs[call["input"]]
+    padding = conv_window(call, p.dim)[2] if isinstance(p, Shard) and p.dim >= 2 else 0
+    if not padding:
+        return call.node.target, call.args
+    where = dict(dim=p.dim, halo=padding, parts=g.parts, rank=g.rank, group=g.name)
+    return halo_convolution, {**call.args, **where}
+
+
 LOCALIZE: dict[Any, Localizer] = {
     **{op: _sized for op in RESHAPES},
     aten.expand.default: _sized,
@@ -112,4 +124,5 @@ LOCALIZE: dict[Any, Localizer] = {
     aten.split_with_sizes.default: _split,
     aten.native_group_norm.default: _group_norm,
     aten.mean.dim: _mean,
+    aten.convolution.default: _convolution,
 }

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from para_fx.core.mesh import chunk_sizes
 from para_fx.passes.dtensor_rules import dtensor_placements
 from para_fx.core.placement import (
     REPLICATE,
@@ -32,6 +33,7 @@ from para_fx.core.placement import (
     Shard,
     factor_layout,
     global_size,
+    in_units,
     local_size,
     normalize,
     plain,
@@ -86,8 +88,9 @@ class Call:
     """An op's node with its arguments by schema name (defaults filled in), so no rule reads
     ``node.args[i]`` by position."""
 
-    def __init__(self, node: fx.Node):
+    def __init__(self, node: fx.Node, parts: int | None = None):
         self.node = node
+        self.parts = parts  # how many ranks the group splits over, where a rule's answer depends on it
         self.args: dict[str, Any] = {}
         if isinstance(node.target, torch._ops.OpOverload):  # bound by the aten schema's own names
             for i, arg in enumerate(node.target._schema.arguments):
@@ -165,7 +168,7 @@ def sharded_input(call: Call, pl: Mapping[fx.Node, Placement], name: str = "self
 
 def decide(node: fx.Node, pl: Mapping[fx.Node, Placement], g: Group) -> Decision:
     """The decision for ``node`` given its inputs' placements ``pl`` over group ``g``."""
-    call = Call(node)
+    call = Call(node, g.parts)
     if not any(isinstance(pl[a], (Shard, Partial)) for a in call.tensors):
         return replicated(call)
     fn = RULES.get(node.target) or (pointwise if family(node.target) == "pointwise" else None)
@@ -250,8 +253,10 @@ def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
     return groups
 
 
-def reshape_placement(p: Shard, src: tuple[int, ...], dst: tuple[int, ...]) -> Shard | None:
-    """Where a sharded dim goes through a reshape, and its layout there; None if it splits unevenly."""
+def reshape_placement(p: Shard, src: tuple[int, ...], dst: tuple[int, ...], parts: int | None = None) -> Shard | None:
+    """Where a sharded dim goes through a reshape, and its layout there; None if it splits unevenly.
+    Given the group's ``parts``, a split of tokens that falls on whole rows for that many ranks also
+    goes into rows: 1024 tokens split in 2 are 16 rows of 32 on each rank."""
     if 0 in src:
         return None
     for gi, gj in view_groups(src, dst) or []:
@@ -264,7 +269,11 @@ def reshape_placement(p: Shard, src: tuple[int, ...], dst: tuple[int, ...]) -> S
         for k, t in enumerate(gj):
             if dst[t] == 1:
                 continue
-            layout = factor_layout(flat, _prod(dst[d] for d in gj[:k]), _prod(dst[d] for d in gj[k + 1 :]))
+            outer, inner = _prod(dst[d] for d in gj[:k]), _prod(dst[d] for d in gj[k + 1 :])
+            layout = factor_layout(flat, outer, inner)
+            if layout is None and parts is not None:
+                rows = in_units(flat, inner, parts)
+                layout = None if rows is None else factor_layout(rows, outer, inner)
             if layout is not None and global_size(layout) == dst[t]:
                 return Shard(t, normalize(layout))
     return None
@@ -278,7 +287,7 @@ def _prod(xs) -> int:
 
 
 def _reshape(call: Call, p: Shard) -> Shard | None:
-    return reshape_placement(p, shape(call["self"]), shape(call.node))
+    return reshape_placement(p, shape(call["self"]), shape(call.node), call.parts)
 
 
 def _squeeze(call: Call, p: Shard) -> Shard:
@@ -626,11 +635,34 @@ def embedding(call: Call, pl) -> Decision:
 
 @rule(aten.convolution.default, family="conv")
 def convolution(call: Call, pl) -> Decision:
+    """Split over the batch, or over a spatial dim that the window slides along with stride 1 and
+    keeps its length: each rank then needs only ``padding`` rows of each neighbour (a halo, which
+    :mod:`para_fx.passes.localize` has exchanged before the convolution)."""
     p = sharded_input(call, pl, "input")
     params = [x for x in (call["weight"], call.get("bias")) if isinstance(x, fx.Node)]
-    if p is not None and p.dim == 0 and not any(isinstance(pl[x], Shard) for x in params):
-        return keep(call, pl, call["input"], p)
-    return replicated(call, "convolution over a sharded dim")
+    if p is None or any(isinstance(pl[x], Shard) for x in params):
+        return replicated(call, "convolution with sharded weights")
+    reason = None if p.dim == 0 else halo_refusal(call, p)
+    return keep(call, pl, call["input"], p) if reason is None else replicated(call, reason)
+
+
+def conv_window(call: Call, dim: int) -> tuple[int, int, int, int]:
+    """(kernel size, stride, padding, dilation) of a convolution along input dim ``dim`` (>= 2)."""
+    i = dim - 2
+    at = lambda values: values[i] if len(values) > i else values[0]  # noqa: E731
+    return shape(call["weight"])[dim], at(call["stride"]), at(call["padding"]), at(call["dilation"])
+
+
+def halo_refusal(call: Call, p: Shard) -> str | None:
+    """Why a convolution cannot run on rows split along spatial dim ``p.dim``, or None if it can."""
+    kernel, stride, padding, dilation = conv_window(call, p.dim)
+    if call["transposed"] or stride != 1 or dilation != 1 or kernel != 2 * padding + 1:
+        return "convolution over a sharded dim that is strided, dilated, transposed or changes its length"
+    if len(p.layout) != 1 or p.layout[0][1] != 1:
+        return "convolution over a sharded dim that is not split in whole rows"
+    if call.parts is None or min(chunk_sizes(p.layout[0][0], call.parts)) < max(padding, 1):
+        return f"convolution over a sharded dim where a rank holds fewer than its {padding} halo rows"
+    return None
 
 
 # --- collectives already in the graph (another group's pass) commute with this group -----------

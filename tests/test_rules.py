@@ -8,8 +8,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from para_fx.passes.localize import localize, partial_mean
 from para_fx.passes.shard_rules import Group, decide
 from para_fx.core.placement import (
-    REPLICATE, Partial, Shard, factor_layout, global_size, local_ranges, local_size, normalize, plain, repeat, scale_units,
+    REPLICATE, Partial, Shard, factor_layout, global_size, in_units, local_ranges, local_size, normalize, plain, repeat,
+    same_split, scale_units,
 )
+from para_fx.runtime.halo import halo_convolution, with_borders
 
 aten = torch.ops.aten
 GROUP = Group(parts=2, rank=1, name="unused")
@@ -88,7 +90,11 @@ ROWS = [
     ("view flattens batch", aten.view.default, (T(2, 7, 8), [14, 8]), [Shard(1, SEG)], Shard(0, SEG * 2)),
     ("view splits heads", aten.view.default, (T(2, 7, 8), [2, 7, 2, 4]), [Shard(1, SEG)], Shard(1, SEG)),
     ("view merges the split", aten.view.default, (T(2, 7, 8), [2, 56]), [Shard(1, plain(7))], Shard(1, ((7, 8),))),
-    ("view cuts tokens", aten.view.default, (T(2, 6, 8), [2, 4, 12]), [Shard(1, plain(6))], REPLICATE),
+    ("view cuts tokens", aten.view.default, (T(2, 6, 8), [2, 3, 16]), [Shard(1, plain(6))], REPLICATE),
+    ("view regroups halves", aten.view.default, (T(2, 6, 8), [2, 4, 12]), [Shard(1, plain(6))], Shard(1, plain(4))),
+    # tokens into (rows, columns): whole rows for 2 ranks when they split 4 rows evenly, not 3
+    ("tokens into rows", aten.view.default, (T(2, 16, 8), [2, 4, 4, 8]), [Shard(1, plain(16))], Shard(1, plain(4))),
+    ("tokens cut rows", aten.view.default, (T(2, 12, 8), [2, 3, 4, 8]), [Shard(1, plain(12))], REPLICATE),
     ("permute", aten.permute.default, (T(2, 7, 8), [2, 0, 1]), [Shard(1, SEG)], Shard(2, SEG)),
     ("transpose", aten.transpose.int, (T(2, 7, 8), 1, 2), [Shard(1, SEG)], Shard(2, SEG)),
     ("complex RoPE pairs", aten.view_as_complex.default, (T(2, 7, 4, 2),), [Shard(1, SEG)], Shard(1, SEG)),
@@ -98,7 +104,9 @@ ROWS = [
     ("complex multiply", aten.mul.Tensor, (T(2, 7, 4, dtype=torch.complex64), T(7, 4, dtype=torch.complex64)),
      [Shard(1, SEG), Shard(0, SEG)], Shard(1, SEG)),
     ("rows unflatten to samples", aten.view.default, (T(14, 8), [2, 7, 8]), [Shard(0, plain(7) * 2)], Shard(1, plain(7))),
-    ("rows split plainly are not samples", aten.view.default, (T(14, 8), [2, 7, 8]), [Shard(0, plain(14))], REPLICATE),
+    ("rows split plainly are the batch halves", aten.view.default, (T(14, 8), [2, 7, 8]), [Shard(0, plain(14))],
+     Shard(0, plain(2))),
+    ("rows split plainly cut samples", aten.view.default, (T(21, 8), [3, 7, 8]), [Shard(0, plain(21))], REPLICATE),
     ("unsqueeze before", aten.unsqueeze.default, (T(2, 7, 8), 0), [Shard(1, SEG)], Shard(2, SEG)),
     ("slice a segment", aten.slice.Tensor, (T(2, 7, 8), 1, 3, 7), [Shard(1, SEG)], Shard(1, ((4, 1),))),
     ("slice cuts a shard", aten.slice.Tensor, (T(2, 7, 8), 1, 0, 5), [Shard(1, SEG)], REPLICATE),
@@ -114,6 +122,21 @@ ROWS = [
     ("softmax over the split", aten._softmax.default, (T(2, 7, 8), 1, False), [Shard(1, SEG)], REPLICATE),
     ("sum over the split", aten.sum.dim_IntList, (T(2, 7, 8), [1]), [Shard(1, SEG)], Partial("sum")),
     ("amax keepdim", aten.amax.default, (T(2, 7, 8), [2], True), [Shard(1, SEG)], Shard(1, SEG)),
+    # convolution [B, C, H, W] split over H: a same-size window with stride 1 takes a halo of rows
+    ("conv over rows", aten.convolution.default, (T(2, 4, 6, 5), T(4, 1, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 4),
+     [Shard(2, plain(6)), REPLICATE], Shard(2, plain(6))),
+    ("conv 1x1 over rows", aten.convolution.default, (T(2, 4, 6, 5), T(8, 4, 1, 1), T(8), [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+     [Shard(2, plain(6)), REPLICATE, REPLICATE], Shard(2, plain(6))),
+    ("conv strided over rows", aten.convolution.default, (T(2, 4, 6, 5), T(4, 4, 3, 3), None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1),
+     [Shard(2, plain(6)), REPLICATE], REPLICATE),
+    ("conv shrinks the rows", aten.convolution.default, (T(2, 4, 6, 5), T(4, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+     [Shard(2, plain(6)), REPLICATE], REPLICATE),
+    ("conv halo taller than a chunk", aten.convolution.default, (T(2, 4, 3, 5), T(4, 4, 5, 5), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 1),
+     [Shard(2, plain(3)), REPLICATE], REPLICATE),
+    ("conv over segmented rows", aten.convolution.default, (T(2, 4, 7, 5), T(4, 4, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+     [Shard(2, SEG), REPLICATE], REPLICATE),
+    ("conv over the batch", aten.convolution.default, (T(2, 4, 6, 5), T(4, 4, 3, 3), None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1),
+     [Shard(0, plain(2)), REPLICATE], Shard(0, plain(2))),
     ("cat on the split", aten.cat.default, ([T(2, 3, 8), T(2, 4, 8)], 1),
      [Shard(1, plain(3)), Shard(1, plain(4))], Shard(1, SEG)),
 ]
@@ -165,6 +188,33 @@ def test_factor_layout_inverts_repeat_and_scale():
     assert factor_layout(SEG * 2, 3, 1) is None  # 2 periods cannot be 3
     assert factor_layout(((3, 2),), 1, 4) is None  # a unit of 2 is not a multiple of 4
     assert normalize(((0, 1), (3, 1), (2, 0))) == ((3, 1),)
+
+
+def test_layouts_that_give_every_rank_the_same_items():
+    assert same_split(plain(1024), ((32, 32),), 2) and same_split(plain(1024), ((32, 32),), 4)
+    assert not same_split(plain(1024), ((32, 32),), 3)  # 342 tokens are not whole rows of 32
+    assert in_units(plain(1024), 32, 2) == ((32, 32),) and in_units(plain(1024), 32, 3) is None
+    assert in_units(plain(30), 7, 2) is None  # 30 tokens are not rows of 7
+    assert in_units(SEG * 2, 1, 2) == SEG * 2
+
+
+def test_a_convolution_over_rows_runs_with_its_neighbours_borders():
+    """Localised, a padded convolution over split rows becomes the halo convolution; its rows with
+    the neighbours' borders (zeros at the ends) give each rank its rows of the whole convolution."""
+    x, weight = torch.randn(1, 3, 7, 5), torch.randn(3, 1, 5, 3)
+    node, (xn, wn) = one_op(aten.convolution.default, x, weight, None, [1, 1], [2, 1], [1, 1], False, [0, 0], 3)
+    d = decide(node, {xn: Shard(2, plain(7)), wn: REPLICATE}, GROUP)
+    target, _, kwargs = localize(node, d, GROUP)
+    assert target is halo_convolution and (kwargs["dim"], kwargs["halo"], kwargs["rank"]) == (2, 2, 1)
+    whole = torch.nn.functional.conv2d(x, weight, padding=[2, 1], groups=3)
+    for parts in (2, 3):
+        chunks = torch.tensor_split(x, parts, dim=2)
+        for rank, chunk in enumerate(chunks):
+            above = chunks[rank - 1][:, :, -2:] if rank > 0 else None
+            below = chunks[rank + 1][:, :, :2] if rank < parts - 1 else None
+            rows = with_borders(chunk, 2, 2, above, below)
+            got = torch.nn.functional.conv2d(rows, weight, padding=[0, 1], groups=3)
+            assert torch.allclose(got, torch.tensor_split(whole, parts, dim=2)[rank], atol=1e-5), (parts, rank)
 
 
 def test_a_new_tensor_borrows_only_dtype_and_device():

@@ -99,3 +99,34 @@ def factor_layout(layout: Layout, outer: int, inner: int) -> Layout | None:
     if layout != first * outer or any(unit % inner for _, unit in first):
         return None
     return tuple((c, u // inner) for c, u in first)
+
+
+def same_split(a: Layout, b: Layout, parts: int) -> bool:
+    """Whether two layouts give every one of ``parts`` ranks the same global ranges: ``((1024, 1),)``
+    and ``((32, 32),)`` (1024 tokens, or 32 rows of 32) do when ``parts`` divides 32."""
+    return all(_merged(local_ranges(a, parts, r)) == _merged(local_ranges(b, parts, r)) for r in range(parts))
+
+
+def in_units(layout: Layout, unit: int, parts: int) -> Layout | None:
+    """A layout that splits like ``layout`` over ``parts`` ranks and whose units are multiples of
+    ``unit`` (whole rows of ``unit`` items), if there is one."""
+    out = []
+    for count, size in layout:
+        if size % unit:
+            if (count * size) % unit:
+                return None
+            count, size = count * size // unit, unit
+        out.append((count, size))
+    out = tuple(out)
+    return out if same_split(out, layout, parts) else None
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent ``(start, length)`` ranges joined."""
+    out: list[tuple[int, int]] = []
+    for start, length in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out

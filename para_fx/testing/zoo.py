@@ -413,6 +413,43 @@ def qwen_image(seed=0, batch=1, height=5, width=7, text_len=7, **config):
     return model, kwargs
 
 
+# Dynamo (torch 2.13, diffusers 0.42.1): 0 graph breaks.
+def sana(seed=0, batch=1, height=16, width=16, text_len=7, **config):
+    """SanaTransformer2DModel (linear self-attention, cross-attention to text, a depthwise 3x3
+    convolution over the image grid in each block's feed-forward).
+
+    Latents are [B, C, H, W] with a 1x1 patch: 16x16 -> 256 image tokens, 16 rows of 16, so 2 or 4
+    ranks hold whole rows (the convolution then exchanges one border row with each neighbour).
+    """
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_cross_attention_heads=HEADS,
+        cross_attention_head_dim=HEAD_DIM,
+        cross_attention_dim=HEADS * HEAD_DIM,
+        caption_channels=TEXT_DIM,
+        sample_size=height,
+    )
+    cfg.update(config)
+    model = _finish(SanaTransformer2DModel(**cfg))
+
+    g = _gen(seed)
+    kwargs = dict(
+        hidden_states=_randn(g, batch, cfg["in_channels"], height, width),
+        encoder_hidden_states=_randn(g, batch, text_len, cfg["caption_channels"]),
+        timestep=torch.randint(0, 1000, (batch,), generator=g).float(),
+        return_dict=False,
+    )
+    return model, kwargs
+
+
 FACTORIES = {
     "flux": flux,
     "hunyuan_video": hunyuan_video,
@@ -423,4 +460,5 @@ FACTORIES = {
     "pixart": pixart,
     "dit": dit,
     "qwen_image": qwen_image,
+    "sana": sana,
 }

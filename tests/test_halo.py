@@ -1,0 +1,55 @@
+"""Convolutions over split image rows (Sana's feed-forward): each rank borrows its neighbours'
+border rows. The halo's arithmetic and the rules are in tests/test_rules.py; here a real model."""
+
+import pytest
+import torch
+
+import para_fx
+from para_fx.testing import zoo
+from para_fx.testing.dits import first_tensor
+import ranks
+
+
+def test_sana_splits_its_rows_and_exchanges_one_border_row_per_convolution():
+    """16 rows of 16 tokens over 2 ranks: 8 whole rows each, so the tokens' view as (rows, columns)
+    stays split, and each block's 3x3 depthwise convolution exchanges one row with the neighbour."""
+    model, kwargs = zoo.sana()
+    torch._dynamo.reset()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    assert report.graph_count == 1
+    assert not report.fallbacks, report.fallbacks
+    halos = [(c.module, c.kind) for c in report.collectives if c.module.endswith("ff.conv_depth")]
+    assert halos == [(f"transformer_blocks.{i}.ff.conv_depth", "all_to_all_single") for i in range(2)], halos
+    assert not [c for c in report.collectives if "blocks." in c.module and c.kind.startswith("all_gather")]
+
+
+def test_rows_that_three_ranks_cannot_split_evenly_are_gathered_and_reported():
+    model, kwargs = zoo.sana()
+    torch._dynamo.reset()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=3)
+    reasons = {f.reason for f in report.fallbacks if "blocks." in f.module}
+    assert any("splits the sharded dim 1 unevenly" in reason for reason in reasons), reasons
+
+
+def sana_errors():
+    """Sana on Ulysses 2 and Ring 2, at 16x16 and 12x10 (6 rows of 10 per rank), against one process."""
+    errors = []
+    for height, width in ((16, 16), (12, 10)):
+        model, kwargs = zoo.sana(height=height, width=width)
+        for ring, ulysses in ((1, 2), (2, 1)):
+            torch._dynamo.reset()
+            mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
+            with torch.no_grad():
+                expected = first_tensor(model(**kwargs))
+                compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
+                errors.append((first_tensor(compiled(**kwargs)) - expected).abs().max().item())
+    return errors
+
+
+ranks.add(2, "halo sana", sana_errors)
+
+
+@pytest.mark.ranks
+def test_sana_on_two_ranks_matches_one_process():
+    errors = ranks.result(2, "halo sana")
+    assert max(max(per_rank) for per_rank in errors) <= 1e-5, errors
