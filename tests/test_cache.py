@@ -237,6 +237,9 @@ def test_a_call_with_autograd_on_keeps_no_graph_in_the_state():
 
 MODELS = ("flux", "wan", "patch_dit")
 STEPS = 6
+# FLUX with one block of each kind (the first computed, the single-stream one skippable), as on
+# the ranks of tests/test_shard.py: the decisions and the cond are the same with two of each
+CONFIG = {"flux": dict(num_layers=1, num_single_layers=1)}
 
 
 def threshold_between_steps(diffs):
@@ -253,7 +256,7 @@ def reference_runs():
     """Single process: per model, the threshold that skips some steps, the outputs and the stats."""
     runs = {}
     for name in MODELS:
-        model, kwargs = FACTORIES[name](batch=2)
+        model, kwargs = FACTORIES[name](batch=2, **CONFIG.get(name, {}))
         _, probe = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=0), STEPS)
         threshold = threshold_between_steps(probe.diffs)
         outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=threshold), STEPS)
@@ -269,7 +272,7 @@ def thresholds():
 def ranks_cached(mesh_shape, name, thresholds):
     """On one rank: the model's cached trajectory on the mesh, at the single-process run's threshold."""
     mesh = para_fx.init_mesh(batch=mesh_shape[0], ring=mesh_shape[1], ulysses=mesh_shape[2])
-    model, kwargs = FACTORIES[name](batch=2)
+    model, kwargs = FACTORIES[name](batch=2, **CONFIG.get(name, {}))
     outs, stats = cached_trajectory(model, kwargs, para_fx.FirstBlockCache(threshold=thresholds[name]), STEPS, mesh)
     return outs, stats, dist.get_rank()
 
