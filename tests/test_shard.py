@@ -273,6 +273,24 @@ def test_padded_sequences_are_captured_without_writes_and_split():
     assert [s.strategy for s in report.attention_sites] == ["ulysses"] and not report.fallbacks, report
 
 
+def test_a_write_no_other_op_reads_is_made_functional_without_a_second_trace(monkeypatch):
+    """The CPU kernel of ``rms_norm`` adds eps in place to the mean it just computed, below
+    ``functionalize``; nothing else reads that mean, so the capture rewrites the write as an
+    out-of-place add instead of tracing the whole graph again."""
+    from para_fx.core import capture
+
+    traces = []
+    real_trace = capture._trace
+    monkeypatch.setattr(capture, "_trace", lambda *args: traces.append(1) or real_trace(*args))
+    norm = torch.nn.RMSNorm(8, eps=1e-6)
+    x = torch.randn(2, 5, 8)
+    gm = torch.fx.symbolic_trace(norm)
+    captured = capture.capture_aten(gm, [x])
+    assert len(traces) == 1 and not capture._writes_in_place(captured), captured.code
+    out = captured(x)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, norm(x))
+
+
 def padded_sequences_error():
     model, inputs = padded_sequences()
     compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))

@@ -37,7 +37,7 @@ def capture_aten(
     read_values = {placeholders[i]: value for i, value in (scalars or {}).items()}
 
     traced = _trace(gm, fake_mode, fake_inputs, functional, read_values)
-    if functional and _writes_in_place(traced):
+    if functional and _writes_in_place(traced) and not _unobserved_writes_made_functional(traced):
         # ``functionalize`` does not see the writes of an op whose kernel runs below it (pad_sequence
         # copies its sequences into a zero buffer): traced again, they are plain aten ops that it rewrites
         traced = _trace(traced, fake_mode, fake_inputs, functional, {})
@@ -62,12 +62,41 @@ def _trace(
 def _writes_in_place(gm: fx.GraphModule) -> bool:
     """Whether an op writes to a value the graph made: the passes shard values, not writes into them.
     (Writes back to the graph's inputs, which ``functionalize`` adds at the end, stay.)"""
+    return any(_writes_made_value(node) for node in gm.graph.nodes)
+
+
+def _writes_made_value(node: fx.Node) -> bool:
+    if not (isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable):
+        return False
+    written = node.args[0] if node.args else None
+    return not (isinstance(written, fx.Node) and written.op == "placeholder")
+
+
+def _unobserved_writes_made_functional(gm: fx.GraphModule) -> bool:
+    """Rewrite each in-place op whose write no other op can see as its out-of-place form; whether
+    that removed every write into a value the graph made. A write is unseen when it goes into a
+    fresh tensor (made by an op that returns no alias) that nothing else reads: the CPU kernel of
+    ``rms_norm`` adds eps in place to the mean it just computed. Cheaper than a second trace."""
     for node in gm.graph.nodes:
-        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
-            written = node.args[0] if node.args else None
-            if not (isinstance(written, fx.Node) and written.op == "placeholder"):
-                return True
-    return False
+        if not _writes_made_value(node):
+            continue
+        written = node.args[0]
+        out_of_place = _out_of_place(node.target)
+        fresh = isinstance(written.target, torch._ops.OpOverload) and not any(
+            r.alias_info is not None for r in written.target._schema.returns
+        )
+        if out_of_place is None or not fresh or len(written.users) != 1:
+            return False
+        node.target = out_of_place
+    return True
+
+
+def _out_of_place(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.add_.Scalar`` -> ``aten.add.Scalar``: the same arguments, a new result."""
+    name = op.overloadpacket.__name__
+    packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
+    functional = getattr(packet, op._overloadname, None) if packet is not None else None
+    return functional if functional is not None and not functional._schema.is_mutable else None
 
 
 def _name_inputs(gm: fx.GraphModule, traced: fx.GraphModule) -> None:
