@@ -640,8 +640,10 @@ def convolution(call: Call, pl) -> Decision:
     :mod:`para_fx.passes.localize` has exchanged before the convolution)."""
     p = sharded_input(call, pl, "input")
     params = [x for x in (call["weight"], call.get("bias")) if isinstance(x, fx.Node)]
-    if p is None or any(isinstance(pl[x], Shard) for x in params):
-        return replicated(call, "convolution with sharded weights")
+    if any(not isinstance(pl[x], Replicate) for x in params):
+        return replicated(call, "convolution with split or partial weights")
+    if p is None:
+        return replicated(call, "convolution of a partial input")
     reason = None if p.dim == 0 else halo_refusal(call, p)
     return keep(call, pl, call["input"], p) if reason is None else replicated(call, reason)
 
