@@ -59,12 +59,7 @@ class MaskedJointAttnProcessor:
         key_valid = torch.cat([video_valid, text_valid], dim=1)
         out = _joint_attention(video, text, key_valid)
         out = out * key_valid[:, :, None].to(out.dtype)  # padded text queries give zeros, as before
-        hidden_states, encoder_hidden_states = out.split_with_sizes((video_len, text_len), dim=1)
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if hasattr(attn, "to_add_out"):
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return _joint_outputs(attn, out, video_len, text_len)
 
 
 class HunyuanVideo15KeyMaskedAttnProcessor:
@@ -93,9 +88,19 @@ class HunyuanVideo15KeyMaskedAttnProcessor:
 
         video_len, text_len = video[0].shape[1], text[0].shape[1]
         key_valid = F.pad(attention_mask.bool(), (video_len, 0), value=True)
-        out = _joint_attention(video, text, key_valid)
-        hidden_states, encoder_hidden_states = out.split_with_sizes((video_len, text_len), dim=1)
-        return attn.to_out[1](attn.to_out[0](hidden_states)), attn.to_add_out(encoder_hidden_states)
+        return _joint_outputs(attn, _joint_attention(video, text, key_valid), video_len, text_len)
+
+
+def _joint_outputs(
+    attn: torch.nn.Module, out: torch.Tensor, video_len: int, text_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint attention's output ``[B, video + text, C]`` split back into the two streams, each
+    through its output projection (the text's where ``attn`` has one)."""
+    hidden_states, encoder_hidden_states = out.split_with_sizes((video_len, text_len), dim=1)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if hasattr(attn, "to_add_out"):
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
 
 
 def _joint_projections(
