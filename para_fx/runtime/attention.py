@@ -387,26 +387,13 @@ def _pass_to_next(x: torch.Tensor, info: MeshInfo, transport: str = "nccl") -> t
 
 
 def _swap_on_copy_engine(flat: torch.Tensor, info: MeshInfo) -> torch.Tensor:
-    """The other rank's ``flat`` in a ring of 2: an all-gather through symmetric memory whose copies
-    the copy engines make (NCCL's kernels would hold SMs that the overlapped attention and matmuls
-    need). Asynchronous as the functional collectives are: the result is waited for where used."""
-    _symmetric_workspace(info.ring_group, flat.numel() * flat.element_size())
-    both = torch.ops.symm_mem._low_contention_all_gather(flat, info.ring_group)
-    return funcol._maybe_wrap_tensor(both).view(2, -1)[1 - info.ring_rank]
+    """The other rank's ``flat`` in a ring of 2, copied by the copy engines (NCCL's kernels would
+    hold SMs that the overlapped attention and matmuls need). Asynchronous as the functional
+    collectives are: the result is waited for where used."""
+    from . import symmetric_swap
 
-
-def _symmetric_workspace(group: str, nbytes: int) -> None:
-    """The group's symmetric-memory workspace, made now (when the graph is traced) with room for
-    ``nbytes``: made at the first transfer instead, its rendezvous would allocate inside a CUDA
-    graph's memory pool, which CUDA graphs refuse. Every rank traces the same transfers, so the
-    rendezvous (a collective) happens on all of them."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.distributed import _symmetric_memory as symm_mem
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
-    symm_mem.enable_symm_mem_for_group(group)  # once per group; a no-op afterwards
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
-        symm_mem.get_symm_mem_workspace(group, nbytes)
+    slot = symmetric_swap.prepare(info.ring_group, flat.numel() * flat.element_size(), flat.device)
+    return funcol._maybe_wrap_tensor(torch.ops.para_fx.swap_pair(flat, info.ring_group, slot))
 
 
 def _merge(out, lse, block_out, block_lse):
