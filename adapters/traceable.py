@@ -8,12 +8,14 @@ padded keys with a boolean key mask. A processor that masks queries as well as k
 same way: the rows of its mask follow the tokens para splits, so every block would gather it.
 Where the break is in the model's own code rather than in a processor (sequence lengths read back
 from a mask, tokens selected by a mask, a Python branch on a tensor's value, a table built lazily
-on the first call), it fixes that one instance the same way. The passes never name a model; the
-tables at the end of this file are the only place that knows processor and model classes.
+on the first call, a patch grid read back from a tensor, experts run on the tokens routed to them),
+it fixes that one instance the same way. The passes never name a model; the tables at the end
+of this file are the only place that knows processor and model classes.
 """
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any, Callable
 
@@ -21,9 +23,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Mochi's RoPE: channel pairs (2i, 2i+1) rotated by the per-token angle, computed in fp32."""
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+def _rotate_pairs(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Mochi's and Wan-Animate-2's RoPE: channel pairs (2i, 2i+1) rotated by the per-token angle (the
+    complex product of the pair with ``cos + i sin``), computed in ``compute_dtype``."""
+    even, odd = x[..., 0::2].to(compute_dtype), x[..., 1::2].to(compute_dtype)
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 
@@ -420,16 +425,294 @@ def _video_output(hidden_states: torch.Tensor, grid: tuple[int, int, int], patch
     return Transformer2DModelOutput(sample=output)
 
 
-def _static_forward_installer(static_forward: Callable) -> Callable[[torch.nn.Module], list[str]]:
-    """An installer of ``static_forward`` on one instance, with the stock forward's LoRA scaling around it."""
+def _dense_moe_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HiDream's mixture-of-experts feed-forward (``MOEFeedForwardSwiGLU.forward``) with static shapes.
+
+    At inference the stock code sorts the tokens by expert, reads the count per expert back to the
+    host (``bincount().cpu()``) and runs each expert on the tokens it was given: a host sync and
+    data-dependent shapes, a graph break per block. Here every expert runs on every token and its
+    output is weighted by that token's routing weight for it, 0 where the gate did not choose it.
+    The gate is the stock one, so the choice of experts is the same; the chosen experts' outputs are
+    summed in the same order (by expert index), and the others add exact zeros. The routed experts
+    then cost (experts / activated experts) times their stock compute: 2x for HiDream-I1's 4 experts,
+    2 active. Training (without the model's ``force_inference_output``) keeps the stock code.
+    """
+    if self.training and not self._force_inference_output:
+        return type(self).forward(self, x)
+    topk_idx, topk_weight, _ = self.gate(x)
+    tokens = x.reshape(-1, x.shape[-1])
+    y = torch.zeros_like(tokens)
+    for i, expert in enumerate(self.experts):
+        weight = (topk_weight * (topk_idx == i)).sum(dim=-1, keepdim=True)  # the gate picks an expert at most once
+        y = y + (expert(tokens) * weight).to(tokens.dtype)
+    return y.view(x.shape) + self.shared_experts(x)
+
+
+def _install_dense_moe(module: torch.nn.Module) -> list[str]:
+    """Bind :func:`_dense_moe_forward` to this instance; nothing if it is bound already."""
+    if getattr(module.forward, "__func__", None) is _dense_moe_forward:
+        return []
+    module.forward = types.MethodType(_dense_moe_forward, module)
+    return ["forward"]
+
+
+def _hidream_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timesteps: torch.Tensor = None,
+    encoder_hidden_states_t5: torch.Tensor = None,
+    encoder_hidden_states_llama3: torch.Tensor = None,
+    pooled_embeds: torch.Tensor = None,
+    img_ids: torch.Tensor | None = None,
+    img_sizes: list[tuple[int, int]] | None = None,
+    hidden_states_masks: torch.Tensor | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+) -> Any:
+    """HiDreamImageTransformer2DModel.forward with the patch grid as numbers and the text's RoPE
+    positions in the text's own pieces.
+
+    The stock forward keeps the patch grid that its patchify makes as a tensor, and its unpatchify
+    reads it back element by element (``.item()``): a graph break per sample, after which the output
+    layer ran whole on every rank. Here the grid is known from the latents' shape, a
+    ``list[tuple[int, int]]`` as the ``img_sizes`` argument takes it. The stock forward also builds
+    the text's RoPE positions (all 0) as one tensor, while the blocks attend over the text as the
+    concatenation of its pieces (T5, the last Llama layer, the block's Llama layer): split over the
+    ranks piece by piece, the text's queries and keys (rotated) and its values (not) are laid out
+    differently, and every attention gathered them. Here the positions are zeros in the same pieces,
+    so every rank holds the same tokens of all three. The values are the stock ones; so is the rest.
+    """
+    if hidden_states_masks is not None and (img_ids is None or img_sizes is None or hidden_states.ndim != 3):
+        raise ValueError(
+            "if `hidden_states_masks` is passed, `img_ids` and `img_sizes` must also be passed, and `hidden_states` "
+            "must be patched: (batch_size, patch_height * patch_width, patch_size * patch_size * channels)"
+        )
+    batch_size, dtype, dim = hidden_states.shape[0], hidden_states.dtype, self.inner_dim
+    if hidden_states_masks is None:
+        patch = self.config.patch_size
+        img_sizes = [(hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch)] * batch_size
+        hidden_states, hidden_states_masks, _, img_ids = self.patchify(hidden_states)
+    hidden_states = self.x_embedder(hidden_states)
+    temb = self.t_embedder(timesteps, dtype) + self.p_embedder(pooled_embeds)
+
+    # the Llama layers', one per block, then T5's, each projected to the model's width
+    llama = [encoder_hidden_states_llama3[k] for k in self.config.llama_layers]
+    texts = [proj(x).view(batch_size, -1, dim) for proj, x in zip(self.caption_projection, llama)]
+    texts.append(self.caption_projection[-1](encoder_hidden_states_t5).view(batch_size, -1, dim))
+    text_pieces = (texts[-1], texts[-2], texts[0])  # the text of every block: T5, last Llama, the block's Llama
+    txt_ids = torch.cat([img_ids.new_zeros(batch_size, piece.shape[1], 3) for piece in text_pieces], dim=1)
+    image_rotary_emb = self.pe_embedder(torch.cat([img_ids, txt_ids], dim=1))
+
+    def run(block: torch.nn.Module, tokens: torch.Tensor, text: torch.Tensor | None) -> Any:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, tokens, hidden_states_masks, text, temb, image_rotary_emb)
+        return block(
+            hidden_states=tokens, hidden_states_masks=hidden_states_masks, encoder_hidden_states=text, temb=temb,
+            image_rotary_emb=image_rotary_emb,
+        )
+
+    block_id = 0
+    text = torch.cat([texts[-1], texts[-2]], dim=1)
+    text_len = text.shape[1]
+    for block in self.double_stream_blocks:
+        hidden_states, text = run(block, hidden_states, torch.cat([text, texts[block_id]], dim=1))
+        text = text[:, :text_len]
+        block_id += 1
+
+    image_len = hidden_states.shape[1]
+    hidden_states = torch.cat([hidden_states, text], dim=1)
+    joint_len = hidden_states.shape[1]
+    if hidden_states_masks is not None:
+        hidden_states_masks = F.pad(hidden_states_masks, (0, text_len + texts[0].shape[1]), value=1.0)
+    for block in self.single_stream_blocks:
+        hidden_states = run(block, torch.cat([hidden_states, texts[block_id]], dim=1), None)[:, :joint_len]
+        block_id += 1
+
+    output = self.unpatchify(self.final_layer(hidden_states[:, :image_len], temb), img_sizes, self.training)
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+class WanAnimate2RotatedAttnProcessor:
+    """Wan-Animate-2's self-attention in the reference pass, with RoPE factors made once per forward.
+
+    The stock processor rotates queries and keys sample by sample, reading each sample's patch grid
+    back from a tensor (``grid_sizes.tolist()``): two graph breaks in every block, and between them
+    the attention ran whole on every rank. With :func:`_wan_animate2_static_forward` the reference
+    pass (``kv_cache_mode="extract"``) passes ``rotary_emb`` as every token's ``(cos, sin)``, float64,
+    and the rotation is the stock one (a complex product in float64) in real numbers. The cache
+    still gets the keys and values before the rotation. Any other call (the generation pass, flex
+    attention over a block mask; a complex table from the stock forward) runs the stock code.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        rotary_emb: Any,
+        grid_sizes: Any,
+        kv_cache: Any,
+        kv_cache_mode: str,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers import transformer_wan_animate_2 as stock
+
+        if kv_cache_mode != "extract" or not isinstance(rotary_emb, tuple):
+            return stock.WanAnimate2AttnProcessor.__call__(
+                self, attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, **kwargs
+            )
+        query, key, value = stock._get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        kv_cache.store(key, value)
+        # as the stock code: float64, then float32, then the values' dtype
+        query, key = (_rotate_pairs(x.float(), *rotary_emb, torch.float64).type_as(value) for x in (query, key))
+        out = stock.dispatch_attention_fn(
+            query, key, value, attn_mask=None, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_animate2_static_forward(
+    self: torch.nn.Module,
+    hidden_states: list[torch.Tensor],
+    timestep: torch.Tensor,
+    encoder_hidden_states: list[torch.Tensor],
+    condition_latents: list[torch.Tensor],
+    kv_cache: Any,
+    kv_cache_mode: str,
+    seq_len: int,
+    encoder_hidden_states_image: torch.Tensor | None = None,
+    offset_grid_sizes: torch.Tensor | None = None,
+    reference_grid_sizes: torch.Tensor | None = None,
+    origin_len: int | None = None,
+    origin_area: list[int] | None = None,
+    is_uncondtion: bool = False,
+    return_dict: bool = True,
+) -> Any:
+    """WanAnimate2Transformer3DModel.forward of the reference pass (``kv_cache_mode="extract"``) with
+    the patch grids as numbers and RoPE computed in the graph.
+
+    The stock forward reads a RoPE offset back from ``offset_grid_sizes`` (``.item()``, for each
+    ``refer_offset_*`` of -1) to look up a table cached per offset, keeps the patch grids as a
+    tensor that the attention processor and the unpatchify read back (``.tolist()``): graph breaks
+    before, inside and after every block. Here the grids are the patch embeddings' shapes, the offset
+    stays a tensor, and every token's angle is its position (plus the offset) times the stock
+    frequencies, computed as the stock table computes it, so the factors are the stock ones; the
+    blocks' attention takes them through :class:`WanAnimate2RotatedAttnProcessor`. The generation
+    pass (``"cached"``) runs the stock forward.
+    """
+    if kv_cache_mode != "extract":
+        return type(self).forward(
+            self, hidden_states, timestep, encoder_hidden_states, condition_latents, kv_cache, kv_cache_mode,
+            seq_len, encoder_hidden_states_image, offset_grid_sizes, reference_grid_sizes, origin_len, origin_area,
+            is_uncondtion, return_dict,
+        )
+    embedded = [self.patch_embedding(torch.cat([u, v])[None]) for u, v in zip(hidden_states, condition_latents)]
+    grids = [tuple(u.shape[2:]) for u in embedded]
+    tokens = [u.flatten(2).transpose(1, 2) for u in embedded]
+    if any(u.shape[1] != seq_len for u in tokens):
+        lengths = [u.shape[1] for u in tokens]
+        raise ValueError(f"Each sample must hold exactly `seq_len` ({seq_len}) tokens, got {lengths}.")
+    hidden_states = torch.cat(tokens)
+    rotary_emb = _wan_animate2_rope(self, grids, offset_grid_sizes)
+
+    temb = self.time_embedding(
+        self.timesteps_proj(timestep * 0 + 1).to(dtype=next(self.time_embedding.parameters()).dtype)
+    )  # the reference pass is modulated at timestep 1
+    timestep_proj = self.time_projection(temb).unflatten(1, (6, self.config.dim))
+    text_len = self.config.text_len
+    text = torch.stack([torch.cat([u, u.new_zeros(text_len - u.shape[0], u.shape[1])]) for u in encoder_hidden_states])
+    text = self.text_embedding(text)
+    image = self.img_emb(encoder_hidden_states_image) if self.config.use_img_emb else None
+    block_kwargs = dict(
+        temb=timestep_proj, encoder_hidden_states=text, encoder_hidden_states_image=image, kv_cache_mode="extract",
+        rotary_emb=rotary_emb, grid_sizes=torch.tensor(grids, dtype=torch.long),  # the grids, for the signature only
+    )
+    for idx, block in enumerate(self.blocks):
+        if is_uncondtion and idx == 9:  # as the stock forward
+            continue
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, kv_cache=kv_cache.get(idx), **block_kwargs
+            )
+        else:
+            hidden_states = block(hidden_states, kv_cache=kv_cache.get(idx), **block_kwargs)
+
+    hidden_states = self.head(hidden_states, temb)
+    channels, patch = self.config.out_dim, self.config.patch_size
+    output = [
+        u[: math.prod(grid)]
+        .view(*grid, *patch, channels)
+        .permute(6, 0, 3, 1, 4, 2, 5)
+        .reshape(channels, *(n * p for n, p in zip(grid, patch)))
+        .float()
+        for u, grid in zip(hidden_states, grids)
+    ]
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+def _wan_animate2_rope(
+    model: torch.nn.Module, grids: list[tuple[int, int, int]], reference_grid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's RoPE factors ``(cos, sin)`` in the reference pass, float64, [B, S, 1, head_dim / 2]
+    ([1, ...] when every sample has the same grid).
+
+    The stock table for an axis of ``n`` channels holds, in row ``j``, the angles ``(j + offset) *
+    10000 ** (-2i / n)``; a reference token at (t, h, w) takes row ``t * refer_stride`` of the time
+    table, ``h`` and ``w`` of the others. An offset of -1 is that axis's size in ``reference_grid``,
+    (the first sample's, as in the stock code), which stays a tensor here.
+    """
+    config = model.config
+    device = model.patch_embedding.weight.device
+    head_dim = config.dim // config.num_heads
+    axis_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+    offsets = (config.refer_offset_t, config.refer_offset_h, config.refer_offset_w)
+    offsets = [reference_grid[0, axis].to(device) if offset < 0 else offset for axis, offset in enumerate(offsets)]
+    strides = (config.refer_stride, 1, 1)
+    angles = []
+    for grid in grids[:1] if len(set(grids)) == 1 else grids:
+        per_axis = []
+        for size, dim, offset, stride in zip(grid, axis_dims, offsets, strides):
+            frequencies = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, device=device).to(torch.float64).div(dim))
+            positions = torch.arange(size, device=device) * stride + offset
+            per_axis.append(positions.to(torch.float64)[:, None] * frequencies)
+        frames, rows, cols = grid
+        per_axis = [
+            axis.view(shape).expand(frames, rows, cols, -1)
+            for axis, shape in zip(per_axis, ((frames, 1, 1, -1), (1, rows, 1, -1), (1, 1, cols, -1)))
+        ]
+        angles.append(torch.cat(per_axis, dim=-1).reshape(frames * rows * cols, 1, -1))
+    angles = torch.stack(angles)
+    return angles.cos(), angles.sin()
+
+
+def _static_forward_installer(
+    static_forward: Callable, lora_kwargs: str | None = "attention_kwargs"
+) -> Callable[[torch.nn.Module], list[str]]:
+    """An installer of ``static_forward`` on one instance, with the stock forward's LoRA scaling around
+    it (the scale read from the argument ``lora_kwargs``; None for a forward without LoRA scaling)."""
 
     def install(model: torch.nn.Module) -> list[str]:
         """Bind the static forward to this instance; nothing if it is bound already."""
         from diffusers.utils import apply_lora_scale
 
-        if getattr(model.forward, "__wrapped__", None) is static_forward:
+        bound = getattr(model.forward, "__func__", None)
+        if static_forward in (bound, getattr(bound, "__wrapped__", None)):
             return []
-        model.forward = types.MethodType(apply_lora_scale("attention_kwargs")(static_forward), model)
+        forward = static_forward if lora_kwargs is None else apply_lora_scale(lora_kwargs)(static_forward)
+        model.forward = types.MethodType(forward, model)
         return ["forward"]
 
     return install
@@ -440,15 +723,20 @@ def _static_forward_installer(static_forward: Callable) -> Callable[[torch.nn.Mo
 TRACEABLE_PROCESSORS: dict[str, type] = {
     "MochiAttnProcessor2_0": MaskedJointAttnProcessor,
     "HunyuanVideo15AttnProcessor2_0": HunyuanVideo15KeyMaskedAttnProcessor,
+    "WanAnimate2AttnProcessor": WanAnimate2RotatedAttnProcessor,
 }
 
-# Model classes (by name, defined in diffusers) that break Dynamo graphs outside an attention
-# processor -> the function that fixes one instance and returns the attribute names it changed.
+# Model classes, and classes of their submodules (by name, defined in diffusers), that break Dynamo
+# graphs outside an attention processor -> the function that fixes one instance and returns the
+# attribute names it changed.
 TRACEABLE_MODELS: dict[str, Callable[[torch.nn.Module], list[str]]] = {
     "Lumina2Transformer2DModel": _static_forward_installer(_lumina2_static_forward),
     "ZImageTransformer2DModel": _build_rope_tables,
     "HunyuanVideo15Transformer3DModel": _static_forward_installer(_hunyuan_video15_static_forward),
     "HunyuanVideoFramepackTransformer3DModel": _static_forward_installer(_framepack_static_forward),
+    "MOEFeedForwardSwiGLU": _install_dense_moe,
+    "HiDreamImageTransformer2DModel": _static_forward_installer(_hidream_static_forward),
+    "WanAnimate2Transformer3DModel": _static_forward_installer(_wan_animate2_static_forward, lora_kwargs=None),
 }
 
 

@@ -4,10 +4,14 @@ Each model is diffusers' real class with a tiny random config. Made traceable, i
 stock model's outputs (fp32, <= 1e-5), compile to one graph with every attention site split over a
 simulated world of 2, give the same outputs on 2 real ranks, and refuse the inputs its static
 program cannot follow instead of giving other results. Mochi's processor stand-in is tested in tests/test_pipelines.py.
+HiDream (its experts' routing) and Wan-Animate-2 (its reference pass) are checked in this process only,
+against the stock model and on the simulated world; Wan-Animate-2's cross-attention to the text and
+CLIP tokens is local (its queries split, its keys whole on every rank), as in Wan.
 """
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -117,6 +121,59 @@ def framepack(text_valid=(6, 3), double_layers=1, single_layers=1, refiners=1):
         indices_latents_history_2x=torch.tensor([0.0, 1.0]),
         latents_history_4x=torch.randn(batch, 4, 4, 4, 6, generator=g),
         indices_latents_history_4x=torch.arange(4.0) - 4,
+    )
+    return model, kwargs
+
+
+def hidream(batch=2, height=8, width=8, double_layers=1, single_layers=1):
+    """HiDreamImageTransformer2DModel whose feed-forwards route each token to 2 of 4 experts; one sample
+    per batch entry. 8x8 latents give 16 image tokens, and the text 5 (T5) + 3 + 3 (Llama) more: 27,
+    which do not split evenly over 2 ranks. Latents that are not square are padded to the model's
+    largest size (64 tokens), with a mask."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=double_layers, num_single_layers=single_layers,
+        attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16),
+        llama_layers=tuple(range(double_layers + single_layers)), force_inference_output=True,
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, height, width, generator=g),
+        timesteps=torch.randint(0, 1000, (batch,), generator=g),
+        encoder_hidden_states_t5=torch.randn(batch, 5, 8, generator=g),
+        encoder_hidden_states_llama3=torch.randn(double_layers + single_layers, batch, 3, 4, generator=g),
+        pooled_embeds=torch.randn(batch, 8, generator=g),
+    )
+    return model, kwargs
+
+
+def wan_animate2(grids=((1, 3, 3), (3, 1, 3)), layers=2, **config):
+    """WanAnimate2Transformer3DModel's reference pass (``kv_cache_mode="extract"``, which fills the
+    cache the generation pass reads); one sample per patch grid (frames, rows, columns). The default
+    grids differ but hold the same 9 tokens (the model needs that), which do not split evenly over 2
+    ranks. The reference RoPE offsets are the defaults: the width's is read from ``offset_grid_sizes``."""
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    torch.manual_seed(0)
+    model = WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=16, in_dim=36, dim=48, ffn_dim=64, freq_dim=16, text_dim=32, out_dim=16,
+        num_heads=2, num_layers=layers, **config,
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        hidden_states=[torch.randn(16, f, 2 * h, 2 * w, generator=g) for f, h, w in grids],
+        condition_latents=[torch.randn(20, f, 2 * h, 2 * w, generator=g) for f, h, w in grids],
+        timestep=torch.tensor([1.0]),
+        encoder_hidden_states=[torch.randn(8, 32, generator=g) for _ in grids],
+        encoder_hidden_states_image=torch.randn(len(grids), 4, 1280, generator=g),
+        kv_cache=WanAnimate2KVCache(layers),
+        kv_cache_mode="extract",
+        seq_len=math.prod(grids[0]),
+        offset_grid_sizes=torch.tensor([grids[0]]),
     )
     return model, kwargs
 
@@ -238,6 +295,60 @@ def test_framepack_one_graph_equal_outputs_and_prefix_masks_only():
     # the break is in the forward at every batch size: the cheaper trace, one single-stream block
     model, kwargs = framepack(text_valid=(3,), double_layers=0, refiners=0)
     assert_one_site_split_once_traceable(model, kwargs)
+
+
+def test_hidream_one_graph_equal_outputs_same_experts():
+    model, kwargs = hidream()
+    moe = ["double_stream_blocks.0.block.ff_i.forward", "single_stream_blocks.0.block.ff_i.forward"]
+    stock = made_traceable(model, ["forward", *moe])
+    with torch.no_grad():
+        # every expert gets some tokens, none gets them all: the dense feed-forward must weigh the
+        # experts the gate chose, and only those
+        ff, stock_ff = model.double_stream_blocks[0].block.ff_i, stock.double_stream_blocks[0].block.ff_i
+        tokens = torch.randn(2, 16, model.inner_dim, generator=torch.Generator().manual_seed(1))
+        counts = torch.bincount(ff.gate(tokens)[0].flatten(), minlength=4)
+        assert (counts > 0).all() and (counts < 32).all(), counts
+        assert max_error(ff(tokens), stock_ff(tokens)) <= TOLERANCE
+        # batch 2 and 1, and latents that are not square (padded to the largest size, masked as keys)
+        one_sample = {k: v[:, :1] if k == "encoder_hidden_states_llama3" else v[:1] for k, v in kwargs.items()}
+        not_square = dict(kwargs, hidden_states=kwargs["hidden_states"][..., :4])
+        for inputs in (kwargs, one_sample, not_square):
+            expected = stock(**inputs, return_dict=False)[0]
+            assert max_error(model(**inputs, return_dict=False)[0], expected) <= TOLERANCE
+
+    # the breaks are in every feed-forward and in the output: one double- and one single-stream block
+    report = assert_one_graph_all_split(model, kwargs)
+    assert [site.strategy for site in report.attention_sites] == ["ulysses", "ulysses"]
+
+
+def test_wan_animate2_reference_pass_one_graph_equal_outputs_and_cache():
+    for config in ({}, dict(refer_stride=2, refer_offset_t=3, refer_offset_h=-1)):
+        model, kwargs = wan_animate2(**config)
+        stock = made_traceable(model, ["forward", "blocks.0.self_attn", "blocks.1.self_attn"])
+        # the pass's product is the cache (keys and values before RoPE) as much as the output
+        runs = []
+        with torch.no_grad():
+            for m in (stock, model):
+                inputs = dict(kwargs, kv_cache=copy.deepcopy(kwargs["kv_cache"]))
+                runs.append((m(**inputs, return_dict=False)[0], inputs["kv_cache"].layer_caches))
+        (expected, expected_cache), (output, cache) = runs
+        assert len(output) == len(expected) == 2
+        for a, b in zip(output, expected):
+            assert max_error(a, b) <= TOLERANCE
+        for a, b in zip(cache, expected_cache):
+            assert max_error(a.key, b.key) <= TOLERANCE and max_error(a.value, b.value) <= TOLERANCE
+
+    # the breaks are in every block's RoPE and around the blocks: one block; the cross-attention
+    # (text and CLIP keys, whole on every rank) is local
+    model, kwargs = wan_animate2(grids=((1, 3, 3),), layers=1)
+    make_traceable(model)
+    torch._dynamo.reset()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    assert report.graph_count == 1
+    sites = sorted((site.module, site.strategy) for site in report.attention_sites)
+    assert sites == [("blocks.0.cross_attn", "local")] * 2 + [("blocks.0.self_attn", "ulysses")]
+    assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
+    assert not [c for c in report.collectives if c.kind.startswith("all_gather") and report.in_blocks(c.module)]
 
 
 def all_on_this_rank():
