@@ -8,7 +8,8 @@ padded keys with a boolean key mask. A processor that masks queries as well as k
 same way: the rows of its mask follow the tokens para splits, so every block would gather it.
 Where the break is in the model's own code rather than in a processor (sequence lengths read back
 from a mask, tokens selected by a mask, a Python branch on a tensor's value, a table built lazily
-on the first call, a patch grid read back from a tensor, experts run on the tokens routed to them),
+on the first call, a patch grid read back from a tensor, experts run on the tokens routed to them,
+an in-place write through a boolean mask),
 it fixes that one instance the same way. The passes never name a model; the tables at the end
 of this file are the only place that knows processor and model classes.
 """
@@ -698,6 +699,162 @@ def _wan_animate2_rope(
     return angles.cos(), angles.sin()
 
 
+def _omnigen_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: Any,
+    input_ids: torch.Tensor,
+    input_img_latents: list[torch.Tensor],
+    input_image_sizes: dict[int, list[int]],
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    return_dict: bool = True,
+) -> Any:
+    """OmniGenTransformer2DModel.forward with RoPE's choice of scaling factors in the graph, and the
+    RoPE factors made in the sequence's own pieces.
+
+    The stock RoPE picks the long or the short scaling factors with a Python ``if`` on a tensor (the
+    largest position + 1 above ``original_max_position_embeddings``): a data-dependent branch, which
+    broke the model into four graphs. Here the choice is a ``torch.where`` between the two (see
+    :func:`_omnigen_rope`). The blocks attend over the concatenation ``[condition tokens, time token,
+    image tokens]``, which the ranks split piece by piece, while ``position_ids`` comes as one tensor:
+    its factors, split as one sequence, were laid out differently from the queries, and every
+    attention gathered them. Here the positions are cut into the same pieces first. The values are
+    the stock ones; so is the rest of the forward.
+    """
+    batch_size, _, height, width = hidden_states.shape
+    p = self.config.patch_size
+
+    hidden_states = self.patch_embedding(hidden_states, is_input_image=False)
+    image_len = hidden_states.shape[1]
+    timestep_proj = self.time_proj(timestep).type_as(hidden_states)
+    time_token = self.time_token(timestep_proj).unsqueeze(1)
+    temb = self.t_embedder(timestep_proj)
+
+    condition_tokens = self._get_multimodal_embeddings(input_ids, input_img_latents, input_image_sizes)
+    pieces = [time_token, hidden_states] if condition_tokens is None else [condition_tokens, time_token, hidden_states]
+    hidden_states = torch.cat(pieces, dim=1)
+    position_ids = position_ids.view(-1, hidden_states.shape[1]).long()
+
+    if attention_mask is not None and attention_mask.dim() == 3:
+        attention_mask = ((1 - attention_mask) * torch.finfo(hidden_states.dtype).min).unsqueeze(1)
+        attention_mask = attention_mask.type_as(hidden_states)
+    image_rotary_emb = _omnigen_rope(self.rope, hidden_states, position_ids, [piece.shape[1] for piece in pieces])
+
+    for block in self.layers:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states = self._gradient_checkpointing_func(block, hidden_states, attention_mask, image_rotary_emb)
+        else:
+            hidden_states = block(hidden_states, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+
+    hidden_states = self.norm(hidden_states)[:, -image_len:]
+    hidden_states = self.proj_out(self.norm_out(hidden_states, temb=temb))
+    hidden_states = hidden_states.reshape(batch_size, height // p, width // p, p, p, -1)
+    output = hidden_states.permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
+def _omnigen_rope(
+    rope: torch.nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE factors ``(cos, sin)`` of ``OmniGenSuScaledRotaryEmbedding`` [S, head_dim], computed
+    for the pieces of ``lengths`` apart and concatenated.
+
+    The scaling factors are the long ones where the largest position + 1 is above
+    ``original_max_position_embeddings`` (over all pieces and samples, as the stock test), chosen by
+    ``torch.where`` instead of a Python ``if``. The rest follows the stock ops in the stock order
+    (the first sample's positions for all, in float32, without autocast), so the factors are the
+    stock ones. The stock module also stores its frequencies (``inv_freq``), which nothing reads
+    before its next call overwrites them; here they stay local.
+    """
+    device = hidden_states.device
+    long_factors, short_factors = (
+        torch.tensor(factors, dtype=torch.float32, device=device) for factors in (rope.long_factor, rope.short_factor)
+    )
+    use_long = position_ids.max() + 1 > rope.original_max_position_embeddings
+    exponents = torch.arange(0, rope.dim, 2, dtype=torch.int64, device=device).float() / rope.dim
+    inv_freq = 1.0 / (torch.where(use_long, long_factors, short_factors) * rope.base**exponents)
+    inv_freq = inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+    scale = rope.max_position_embeddings / rope.original_max_position_embeddings
+    scaling_factor = 1.0
+    if scale > 1.0:
+        scaling_factor = math.sqrt(1 + math.log(scale) / math.log(rope.original_max_position_embeddings))
+    device_type = device.type if device.type != "mps" else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        freqs = [(inv_freq @ piece[:, None, :].float()).transpose(1, 2) for piece in position_ids.split(lengths, dim=1)]
+        emb = torch.cat([torch.cat((f, f), dim=-1)[0] for f in freqs])
+        return emb.cos() * scaling_factor, emb.sin() * scaling_factor
+
+
+def _glm_image_static_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    prior_token_id: torch.Tensor,
+    prior_token_drop: torch.Tensor,
+    timestep: torch.Tensor,
+    target_size: torch.Tensor,
+    crop_coords: torch.Tensor,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    kv_caches: Any = None,
+    image_rotary_emb: Any = None,
+) -> Any:
+    """GlmImageTransformer2DModel.forward with the dropped prior tokens zeroed by a mask.
+
+    The stock forward zeroes the embeddings of the dropped prior tokens in place through a boolean
+    index (``prior_embedding[prior_token_drop] *= 0.0``), whose shape depends on the mask's values
+    (``nonzero``): a graph break, and the graph before it (the projections of the latents, the text
+    and the prior tokens) held no attention, so it ran whole on every rank. Here the same product by
+    0.0 is selected with ``torch.where`` (the kept embeddings untouched), which gives the stock values.
+    The stock code takes an integer ``prior_token_drop`` as indices of rows, not as a mask: anything
+    but a boolean one is refused. The rest is the stock forward.
+    """
+    if prior_token_drop.dtype != torch.bool:
+        raise ValueError(
+            f"para_fx: the traceable GlmImage forward installed by make_traceable needs a boolean `prior_token_drop`, "
+            f"got {prior_token_drop.dtype}"
+        )
+    batch_size, _, height, width = hidden_states.shape
+    if image_rotary_emb is None:
+        image_rotary_emb = self.rope(hidden_states)
+    p = self.config.patch_size
+
+    hidden_states = self.image_projector(hidden_states)
+    encoder_hidden_states = self.glyph_projector(encoder_hidden_states)
+    prior_embedding = self.prior_token_embedding(prior_token_id)
+    drop = prior_token_drop.reshape(*prior_token_drop.shape, *[1] * (prior_embedding.ndim - prior_token_drop.ndim))
+    prior_embedding = torch.where(drop, prior_embedding * 0.0, prior_embedding)
+    hidden_states = hidden_states + self.prior_projector(prior_embedding)
+    temb = self.time_condition_embed(timestep, target_size, crop_coords, hidden_states.dtype)
+
+    for idx, block in enumerate(self.transformer_blocks):
+        block_args = (temb, image_rotary_emb, attention_mask, attention_kwargs)
+        kv_cache = kv_caches[idx] if kv_caches is not None else None
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states, encoder_hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, encoder_hidden_states, *block_args, kv_cache
+            )
+        else:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, *block_args, kv_cache=kv_cache
+            )
+
+    hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
+    hidden_states = hidden_states.reshape(batch_size, height // p, width // p, -1, p, p)
+    output = hidden_states.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
 def _static_forward_installer(
     static_forward: Callable, lora_kwargs: str | None = "attention_kwargs"
 ) -> Callable[[torch.nn.Module], list[str]]:
@@ -737,6 +894,8 @@ TRACEABLE_MODELS: dict[str, Callable[[torch.nn.Module], list[str]]] = {
     "MOEFeedForwardSwiGLU": _install_dense_moe,
     "HiDreamImageTransformer2DModel": _static_forward_installer(_hidream_static_forward),
     "WanAnimate2Transformer3DModel": _static_forward_installer(_wan_animate2_static_forward, lora_kwargs=None),
+    "OmniGenTransformer2DModel": _static_forward_installer(_omnigen_static_forward, lora_kwargs=None),
+    "GlmImageTransformer2DModel": _static_forward_installer(_glm_image_static_forward, lora_kwargs=None),
 }
 
 

@@ -4,7 +4,8 @@ Each model is diffusers' real class with a tiny random config. Made traceable, i
 stock model's outputs (fp32, <= 1e-5), compile to one graph with every attention site split over a
 simulated world of 2, give the same outputs on 2 real ranks, and refuse the inputs its static
 program cannot follow instead of giving other results. Mochi's processor stand-in is tested in tests/test_pipelines.py.
-HiDream (its experts' routing) and Wan-Animate-2 (its reference pass) are checked in this process only,
+HiDream (its experts' routing), Wan-Animate-2 (its reference pass), OmniGen (its RoPE's choice of
+scaling factors) and GlmImage (its dropped prior tokens) are checked in this process only,
 against the stock model and on the simulated world; Wan-Animate-2's cross-attention to the text and
 CLIP tokens is local (its queries split, its keys whole on every rank), as in Wan.
 """
@@ -174,6 +175,64 @@ def wan_animate2(grids=((1, 3, 3), (3, 1, 3)), layers=2, **config):
         kv_cache_mode="extract",
         seq_len=math.prod(grids[0]),
         offset_grid_sizes=torch.tensor([grids[0]]),
+    )
+    return model, kwargs
+
+
+def omnigen(batch=2, layers=1, original_max_positions=4096):
+    """OmniGenTransformer2DModel with an input image in the first sample's condition tokens; one
+    sample per batch entry. 24 condition tokens, the time token and 16 image tokens: 41, which do not
+    split evenly over 2 ranks. RoPE takes the long scaling factors where the largest position + 1 (41)
+    is above ``original_max_positions``, the short ones otherwise; the two differ. The mask is
+    OmniGen's: causal, with the image tokens attending to each other; the second sample's positions
+    start 3 tokens late, as after left padding (the stock RoPE takes the first sample's for all)."""
+    from diffusers import OmniGenTransformer2DModel
+
+    torch.manual_seed(0)
+    model = OmniGenTransformer2DModel(
+        hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=layers,
+        pad_token_id=0, vocab_size=100, in_channels=4, time_step_dim=4,
+        original_max_position_embeddings=original_max_positions,
+        rope_scaling={"long_factor": [1.0, 3.0], "short_factor": [2.0, 0.5]},
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    length = 24 + 1 + 16
+    mask = torch.ones(length, length).tril()
+    mask[-16:, -16:] = 1.0
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        input_ids=torch.randint(0, 100, (batch, 24), generator=g),
+        input_img_latents=[torch.randn(1, 4, 8, 8, generator=g)],
+        input_image_sizes={0: [[2, 18]]},
+        attention_mask=mask.expand(batch, -1, -1).clone(),
+        position_ids=(torch.arange(length) - 3 * torch.arange(batch)[:, None]).clamp(min=0),
+    )
+    return model, kwargs
+
+
+def glm_image(batch=1, prior_tokens=False, drop=(False,)):
+    """GlmImageTransformer2DModel; one sample per batch entry, ``drop`` says which samples' prior
+    tokens are dropped. Diffusers' test gives one prior token per sample (which only broadcasts
+    over the image tokens at batch 1), the pipeline one per image token (``prior_tokens``). 8x8
+    latents give 16 image tokens, and the text 12: 28, split over 2 ranks."""
+    from diffusers import GlmImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=64,
+    ).float().eval()
+    g = torch.Generator().manual_seed(0)
+    prior_shape = (batch, 16) if prior_tokens else (batch,)
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, 12, 32, generator=g),
+        prior_token_id=torch.randint(0, 64, prior_shape, generator=g),
+        prior_token_drop=torch.tensor(drop).view(-1, *[1] * (len(prior_shape) - 1)).expand(prior_shape),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        target_size=torch.tensor([[8.0, 8.0]] * batch),
+        crop_coords=torch.tensor([[0.0, 0.0]] * batch),
     )
     return model, kwargs
 
@@ -349,6 +408,43 @@ def test_wan_animate2_reference_pass_one_graph_equal_outputs_and_cache():
     assert sites == [("blocks.0.cross_attn", "local")] * 2 + [("blocks.0.self_attn", "ulysses")]
     assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
     assert not [c for c in report.collectives if c.kind.startswith("all_gather") and report.in_blocks(c.module)]
+
+
+def test_omnigen_one_graph_equal_outputs_long_and_short_rope():
+    # 41 positions: the long scaling factors above 32, the short ones below 4096
+    for original_max_positions in (32, 4096):
+        model, kwargs = omnigen(original_max_positions=original_max_positions)
+        stock = made_traceable(model, ["forward"])
+        one_sample = {k: v[:1] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            for inputs in (kwargs, one_sample):
+                expected = sample(stock(**inputs, return_dict=False))
+                assert max_error(sample(model(**inputs, return_dict=False)), expected) <= TOLERANCE
+
+    # the break was in the RoPE, before the blocks: one block; the RoPE factors in the sequence's
+    # pieces, so nothing is gathered, not even the output's image tokens
+    report = assert_one_graph_all_split(model, kwargs)
+    assert [site.strategy for site in report.attention_sites] == ["ulysses"]
+    assert not report.fallbacks and not [c for c in report.collectives if c.kind.startswith("all_gather") and c.module]
+
+
+def test_glm_image_one_graph_equal_outputs_dropped_prior_tokens():
+    model, kwargs = glm_image()
+    stock = made_traceable(model, ["forward"])
+    # one prior token per sample (diffusers' test) at batch 1, dropped or not; one per image token
+    # (the pipeline's) at batch 2, dropped in one sample
+    pipeline_like = glm_image(batch=2, prior_tokens=True, drop=(True, False))[1]
+    with torch.no_grad():
+        for inputs in (kwargs, dict(kwargs, prior_token_drop=~kwargs["prior_token_drop"]), pipeline_like):
+            expected = sample(stock(**inputs, return_dict=False))
+            assert max_error(sample(model(**inputs, return_dict=False)), expected) <= TOLERANCE
+
+    # an integer tensor indexes rows in the stock code, not a mask
+    with torch.no_grad(), pytest.raises(ValueError, match="boolean `prior_token_drop`"):
+        model(**dict(kwargs, prior_token_drop=kwargs["prior_token_drop"].long()))
+
+    report = assert_one_graph_all_split(model, kwargs)
+    assert [site.strategy for site in report.attention_sites] == ["ulysses"]
 
 
 def all_on_this_rank():
