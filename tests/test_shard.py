@@ -32,7 +32,7 @@ MESHES = {
     (1, 1, 2): ALL + BATCH_TWO,
     (1, 2, 1): ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit", "row_dit"],
     (2, 1, 1): ["patch_dit"],
-    (1, 2, 2): ["flux", "hunyuan_video", "cogvideox", "sd3", "joint_dit", "row_dit"],
+    (1, 2, 2): ["flux", "hunyuan_video", "cogvideox", "sd3", "qwen_image", "joint_dit", *BATCH_TWO],
     (1, 4, 1): ["wan", "patch_dit"],
     (2, 1, 2): ["patch_dit"],
 }
