@@ -138,7 +138,8 @@ def table(results: dict) -> str:
         rows = [per_batch.get(b, {"error": "not run"}) for b in ("1", "2")]
         cls = next((r["class"] for r in rows if "class" in r), name)
         why = next((_why(r) for r in rows if verdict(r) not in ("split", "-")), "")
-        why = re.sub(r"(diffusers/[\w/]+)\.py:(\d+)", lambda m: f"{m[1].replace('/', '.')} line {m[2]}", why)  # a module, not a repository path
+        why = re.sub(r"[^\s(]*site-packages/", "", why)  # paths from the package, not from this machine
+        why = re.sub(r"((?:diffusers|torch)/[\w/]+)\.py:(\d+)", lambda m: f"{m[1].replace('/', '.')} line {m[2]}", why)  # a module, not a repository path
         lines.append(f"| {cls} | {verdict(rows[0])} | {verdict(rows[1])} | {why[:160].replace('|', '/')} |")
     return "\n".join(lines)
 

@@ -291,6 +291,78 @@ def test_a_write_no_other_op_reads_is_made_functional_without_a_second_trace(mon
     assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, norm(x))
 
 
+def test_a_write_to_an_input_is_traced_through_functionalize():
+    """Writes to the graph's inputs become a functional op and one copy back at the end, which the
+    passes keep; a graph that writes nothing is traced once, without ``functionalize``."""
+    from para_fx.core import capture
+
+    class AddsInPlace(torch.nn.Module):
+        def forward(self, x):
+            x.add_(1.0)
+            return x * 2
+
+    gm = torch.fx.symbolic_trace(AddsInPlace())
+    captured = capture.capture_aten(gm, [torch.zeros(3)])
+    ops = [str(n.target) for n in captured.graph.nodes if n.op == "call_function"]
+    assert ops.index("aten.add.Tensor") < ops.index("aten.mul.Tensor") < ops.index("aten.copy_.default"), ops
+    x = torch.zeros(3)
+    out = captured(x)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, torch.full((3,), 2.0)) and torch.equal(x, torch.ones(3))
+
+
+class FlexAfterSdpa(torch.nn.Module):
+    """An SDPA block, then a causal flex attention over a block mask. ``create_block_mask`` runs
+    ``vmap``, which ``functionalize`` cannot trace through: the capture traces without it (nothing
+    is written in place), and the flex attention, which has no rule, gathers its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.qkv_flex = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        q, k, v = self.qkv_flex(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        causal = create_block_mask(lambda b, h, q_index, kv_index: q_index >= kv_index, B, None, S, S, device=x.device)
+        return self.out(flex_attention(q, k, v, block_mask=causal).transpose(1, 2).flatten(2))
+
+
+def flex_after_sdpa():
+    torch.manual_seed(0)
+    return FlexAfterSdpa(), torch.randn(1, 256, 16)
+
+
+def test_flex_attention_is_captured_and_falls_back_reported():
+    model, x = flex_after_sdpa()
+    torch._dynamo.reset()
+    report = para_fx.explain(model, args=(x,), world_size=2)
+    torch._dynamo.reset()
+    assert report.graph_count == 1
+    assert [s.strategy for s in report.attention_sites] == ["ulysses"], report.attention_sites
+    assert [(f.op, f.reason) for f in report.fallbacks] == [("flex_attention", "no sharding rule for flex_attention")]
+
+
+def flex_after_sdpa_error():
+    model, x = flex_after_sdpa()
+    compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="aot_eager"))
+    with torch.no_grad():
+        return (compiled(x) - model(x)).abs().max().item()
+
+
+ranks.add(2, "shard flex attention", flex_after_sdpa_error)
+
+
+@pytest.mark.ranks
+def test_flex_attention_falls_back_right_on_two_ranks():
+    errors = ranks.result(2, "shard flex attention")
+    assert max(errors) <= 1e-5, errors
+
+
 def padded_sequences_error():
     model, inputs = padded_sequences()
     compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))

@@ -36,11 +36,15 @@ def capture_aten(
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     read_values = {placeholders[i]: value for i, value in (scalars or {}).items()}
 
-    traced = _trace(gm, fake_mode, fake_inputs, functional, read_values)
+    # Traced plainly first: most graphs write nothing in place, and ``functionalize`` cannot trace
+    # through ``vmap`` (flex attention's block masks), which then falls back instead of failing.
+    traced = _trace(gm, fake_mode, fake_inputs, False, read_values)
+    if functional and _writes_to_inputs(traced):
+        traced = _trace(gm, fake_mode, fake_inputs, True, read_values)
     if functional and _writes_in_place(traced) and not _unobserved_writes_made_functional(traced):
         # ``functionalize`` does not see the writes of an op whose kernel runs below it (pad_sequence
         # copies its sequences into a zero buffer): traced again, they are plain aten ops that it rewrites
-        traced = _trace(traced, fake_mode, fake_inputs, functional, {})
+        traced = _trace(traced, fake_mode, fake_inputs, True, {})
     _name_inputs(gm, traced)
     traced.recompile()
     return traced
@@ -65,8 +69,18 @@ def _writes_in_place(gm: fx.GraphModule) -> bool:
     return any(_writes_made_value(node) for node in gm.graph.nodes)
 
 
+def _writes_to_inputs(gm: fx.GraphModule) -> bool:
+    """Whether an op writes to one of the graph's inputs: ``functionalize`` turns those writes into
+    copies back to the inputs at the graph's end, which the passes keep."""
+    return any(_mutates(node) and not _writes_made_value(node) for node in gm.graph.nodes)
+
+
+def _mutates(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
 def _writes_made_value(node: fx.Node) -> bool:
-    if not (isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable):
+    if not _mutates(node):
         return False
     written = node.args[0] if node.args else None
     return not (isinstance(written, fx.Node) and written.op == "placeholder")
