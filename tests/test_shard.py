@@ -345,6 +345,9 @@ def test_flex_attention_is_captured_and_falls_back_reported():
     assert report.graph_count == 1
     assert [s.strategy for s in report.attention_sites] == ["ulysses"], report.attention_sites
     assert [(f.op, f.reason) for f in report.fallbacks] == [("flex_attention", "no sharding rule for flex_attention")]
+    # the model's line, not torch's code below it
+    assert report.fallbacks[0].source.startswith(f"{__file__}:"), report.fallbacks[0].source
+    assert report.fallbacks[0].source.endswith("flex_attention(q, k, v, block_mask=causal).transpose(1, 2).flatten(2))")
 
 
 def flex_after_sdpa_error():

@@ -100,13 +100,18 @@ def module_path(node: fx.Node) -> str:
 
 
 def source_line(node: fx.Node) -> str:
-    """``file:line  code`` of the innermost user frame that produced a node."""
+    """``file:line  code`` of the innermost frame outside torch that produced a node: the model's
+    call of ``flex_attention`` or ``pad_sequence``, not torch's own code below it."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
     if not frames:
         return "<unknown source>"
-    path, line, code = frames[-1]
+    outside = [frame for frame in frames if not frame[0].startswith(_TORCH_ROOT)]
+    path, line, code = (outside or frames)[-1]
     return f"{path}:{line}  {code.strip()}"
+
+
+_TORCH_ROOT = os.path.dirname(torch.__file__) + os.sep
 
 
 def op_name(target) -> str:
