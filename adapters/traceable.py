@@ -34,6 +34,15 @@ def _rotate_pairs(
     return rotated.flatten(-2).to(x.dtype)
 
 
+def _model_output(output: Any, return_dict: bool) -> Any:
+    """``output`` as the stock forwards return it: a one-tuple, or diffusers' output class."""
+    if not return_dict:
+        return (output,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=output)
+
+
 class MaskedJointAttnProcessor:
     """Mochi's joint (video + text) attention in one masked SDPA call, for every sample at once.
 
@@ -220,11 +229,7 @@ def _lumina2_static_forward(
         .flatten(4, 5)
         .flatten(2, 3)
     )
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 def _lumina2_rope(
@@ -419,11 +424,7 @@ def _video_output(hidden_states: torch.Tensor, grid: tuple[int, int, int], patch
         .flatten(4, 5)
         .flatten(2, 3)
     )
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 def _dense_moe_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -530,11 +531,7 @@ def _hidream_static_forward(
         block_id += 1
 
     output = self.unpatchify(self.final_layer(hidden_states[:, :image_len], temb), img_sizes, self.training)
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 class WanAnimate2RotatedAttnProcessor:
@@ -657,11 +654,7 @@ def _wan_animate2_static_forward(
         .float()
         for u, grid in zip(hidden_states, grids)
     ]
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 def _wan_animate2_rope(
@@ -751,11 +744,7 @@ def _omnigen_static_forward(
     hidden_states = self.proj_out(self.norm_out(hidden_states, temb=temb))
     hidden_states = hidden_states.reshape(batch_size, height // p, width // p, p, p, -1)
     output = hidden_states.permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 def _omnigen_rope(
@@ -848,11 +837,7 @@ def _glm_image_static_forward(
     hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
     hidden_states = hidden_states.reshape(batch_size, height // p, width // p, -1, p, p)
     output = hidden_states.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
-    if not return_dict:
-        return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=output)
+    return _model_output(output, return_dict)
 
 
 def _static_forward_installer(

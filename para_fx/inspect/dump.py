@@ -99,6 +99,9 @@ def module_path(node: fx.Node) -> str:
     return path.strip(".")
 
 
+_TORCH_ROOT = os.path.dirname(torch.__file__) + os.sep  # frames below it are torch's own code
+
+
 def source_line(node: fx.Node) -> str:
     """``file:line  code`` of the innermost frame outside torch that produced a node: the model's
     call of ``flex_attention`` or ``pad_sequence``, not torch's own code below it."""
@@ -109,9 +112,6 @@ def source_line(node: fx.Node) -> str:
     outside = [frame for frame in frames if not frame[0].startswith(_TORCH_ROOT)]
     path, line, code = (outside or frames)[-1]
     return f"{path}:{line}  {code.strip()}"
-
-
-_TORCH_ROOT = os.path.dirname(torch.__file__) + os.sep
 
 
 def op_name(target) -> str:
