@@ -109,8 +109,8 @@ select = aten.select.int(permute_6, 0, 0)  # f32[1, 2, 15, 16]  S(0)  blocks.0.a
 select_1 = aten.select.int(permute_6, 0, 1)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
 select_2 = aten.select.int(permute_6, 0, 2)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
 _scaled_dot_product_flash_attention_for_cpu = aten._scaled_dot_product_flash_attention_for_cpu(select, select_1, select_2)  # (f32[1, 2, 15, 16], f32[1, 2, 15])  [S(0), S(0)]  blocks.0.attn
-getitem_9 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[1, 2, 15, 16]  [S(0), S(0)]  blocks.0.attn
-transpose_1 = aten.transpose.int(getitem_9, 1, 2)  # f32[1, 15, 2, 16]  S(0)  blocks.0.attn
+getitem_7 = getitem(_scaled_dot_product_flash_attention_for_cpu, 0)  # f32[1, 2, 15, 16]  S(0)  blocks.0.attn
+transpose_1 = aten.transpose.int(getitem_7, 1, 2)  # f32[1, 15, 2, 16]  S(0)  blocks.0.attn
 view_4 = aten.view(transpose_1, [1, 15, 32])  # f32[1, 15, 32]  S(0)  blocks.0.attn""")
         self.assertExpectedInline(attention_lines(report, "shard_seq"), """\
 view_3 = aten.view(view_2, [1, 8, 3, 2, 16])  # f32[1, 8, 3, 2, 16]  S(1)  blocks.0.attn

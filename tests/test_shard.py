@@ -310,6 +310,47 @@ def test_a_write_to_an_input_is_traced_through_functionalize():
     assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, torch.full((3,), 2.0)) and torch.equal(x, torch.ones(3))
 
 
+@pytest.mark.parametrize("mesh_shape, name", [((1, 1, 2), "hunyuan_video"), ((1, 2, 1), "flux"), ((2, 1, 1), "wan")],
+                         ids=ranks.mesh_id)
+def test_inlining_a_passs_helpers_gives_the_graph_a_whole_trace_gives(monkeypatch, mesh_shape, name):
+    """After the shard pass only its helpers are traced (the aten ops run on fake values): the
+    graph equals the one a trace of the whole graph makes, node for node, with the same names,
+    arguments, fake values and metadata. (``make_fx`` numbers the items of multi-output ops it
+    unpacks and then drops; those names may differ.)"""
+    import operator
+    import re
+
+    from para_fx.core import backend, capture
+
+    def nodes(gm):
+        rows = []
+        for n in gm.graph.nodes:
+            v = n.meta.get("val")
+            value = (tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
+            meta = {k: n.meta.get(k) for k in ("stack_trace", "nn_module_stack")}
+            custom = n.meta.get("custom") if n.target is not operator.getitem else None
+            rows.append(re.sub(r"getitem_\d+", "getitem", f"{n.format_node()} {value} {meta} {custom}"))
+        return rows
+
+    compared = []
+    inline = backend.inline_helpers
+
+    def both(gm, example_inputs):
+        inlined = inline(gm, example_inputs)
+        compared.append((nodes(capture.capture_aten(gm, example_inputs, functional=False)), nodes(inlined)))
+        return inlined
+
+    monkeypatch.setattr(backend, "inline_helpers", both)
+    model, kwargs = model_and_inputs(name)
+    torch._dynamo.reset()
+    para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), batch=mesh_shape[0], ring=mesh_shape[1],
+                    ulysses=mesh_shape[2])
+    torch._dynamo.reset()
+    assert len(compared) == 1
+    traced, inlined = compared[0]
+    assert inlined == traced
+
+
 class FlexAfterSdpa(torch.nn.Module):
     """An SDPA block, then a causal flex attention over a block mask. ``create_block_mask`` runs
     ``vmap``, which ``functionalize`` cannot trace through: the capture traces without it (nothing

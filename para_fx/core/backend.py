@@ -24,7 +24,7 @@ from .agreement import check_mode, with_input_check
 from .cache import FirstBlockCache
 from ..runtime.attention import RING_KV, check_ring_transport
 from ..runtime.cache import CachedGraph
-from .capture import SubclassFlattener, capture_aten, flatten_subclasses, input_name, scalar_reads
+from .capture import SubclassFlattener, capture_aten, flatten_subclasses, inline_helpers, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .static_inputs import mark_static_inputs, static_flags
 from ..passes.cache import insert_first_block_cache
@@ -288,7 +288,7 @@ class _FlattenSubclasses:
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
-    """The aten graph through the shard passes that apply to this mesh, each followed by a re-trace."""
+    """The aten graph through the shard passes that apply to this mesh, the helpers each inserts inlined."""
     report.add_graph("captured", graph)
     if options.mesh is None:
         return graph
@@ -299,7 +299,7 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
     ):
         if parts > 1:
             spec = ShardSpec(kind, Group(parts, rank, group), info, options.ring_kv, options.ring_transport)
-            graph = capture_aten(shard(graph, spec, report), example_inputs, functional=False)
+            graph = inline_helpers(shard(graph, spec, report), example_inputs)
             report.add_graph(f"shard_{kind}", graph)
     if options.schedule_collectives and overlap_collectives(graph):
         report.add_graph("schedule_collectives", graph)

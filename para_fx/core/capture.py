@@ -4,11 +4,13 @@ The passes want canonical aten ops (``torch.Tag.pointwise``, one SDPA op that re
 log-sum-exp), a fake value with a static shape on every node (``meta["val"]``) and the model's
 module paths and source lines (``nn_module_stack``, ``stack_trace``) for reports. ``make_fx`` over
 an ``Interpreter`` with ``preserve_node_meta`` gives all of that with public APIs that have been
-stable across torch releases, and ``functionalize`` removes in-place ops.
+stable across torch releases, and ``functionalize`` removes in-place ops. After a pass,
+:func:`inline_helpers` gives the same graph without tracing it whole again.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any, Sequence
 
@@ -16,7 +18,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 
 def capture_aten(
@@ -24,8 +27,8 @@ def capture_aten(
 ) -> fx.GraphModule:
     """Trace ``gm`` to aten with static shapes, keeping node metadata; ``example_inputs`` are concrete.
 
-    Also used after a pass (``functional=False``) to inline the Python helpers a pass inserted
-    and to give every new node its fake value. Tensor-subclass inputs (torchao's fp8 weights)
+    Also used after the cache pass (``functional=False``), whose ``cond`` branches need tracing;
+    the shard passes' output takes the cheaper :func:`inline_helpers`. Tensor-subclass inputs (torchao's fp8 weights)
     become their inner tensors: see :func:`flatten_subclasses`. ``scalars`` (from
     :func:`scalar_reads`) are the values of the inputs the graph reads as numbers.
     """
@@ -61,6 +64,148 @@ def _trace(
         traced = make_fx(fn, pre_dispatch=False)(*fake_inputs)
     traced.graph.eliminate_dead_code()
     return traced
+
+
+def inline_helpers(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """A pass's output as a capture: the Python helpers it inserted (collectives, context-parallel
+    attention) inlined as aten ops, and a fake value on every node.
+
+    What ``capture_aten(gm, example_inputs, functional=False)`` gives for a graph of aten ops and
+    helper calls, at a fraction of its cost: the aten ops, already captured, are only run on fake
+    values; each helper alone is traced, under its call's metadata.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}  # a node of gm -> its node of graph (a structure of them for a helper)
+    traces: dict[tuple, fx.GraphModule] = {}
+    with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
+        for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=True):
+            env[node] = new = graph.placeholder(node.target)  # first, as in a traced graph; a pass may interleave them
+            new._rename(node.name)  # as named (``placeholder`` would make ``adaLN`` ``ada_ln``)
+            new.target = node.target
+            _set_value(new, _to_fake(fake_mode, value))
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
+            elif node.target is operator.getitem and not isinstance(env[node.args[0]], fx.Node):
+                env[node] = env[node.args[0]][node.args[1]]  # an item of a helper's inlined result
+            elif node.target is operator.getitem:
+                env[node] = new = graph.node_copy(node, env.__getitem__)
+                _set_value(new, new.args[0].meta["val"][new.args[1]])
+            elif isinstance(node.target, torch._ops.OpOverload):
+                env[node] = _run_op(graph, node, env)
+            elif isinstance(node.target, torch._ops.HigherOrderOperator):  # flex attention: kept, its subgraphs too
+                env[node] = new = graph.node_copy(node, env.__getitem__)
+                args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda a: a.meta["val"])
+                _set_value(new, new.target(*args, **kwargs))
+            elif node.op == "call_function":
+                env[node] = _inline(graph, node, env, traces)
+            else:  # a constant the capture kept as an attribute
+                env[node] = graph.node_copy(node)
+                env[node].meta["val"] = _to_fake(fake_mode, getattr(gm, node.target))
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)
+
+
+def _set_value(node: fx.Node, value: Any) -> None:
+    """``meta["val"]`` and ``meta["tensor_meta"]`` as ``make_fx`` records them (less its detached
+    copy: each call here makes a new fake value, which nothing else holds)."""
+    node.meta["val"] = value
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    else:
+        node.meta.pop("tensor_meta", None)
+
+
+def _run_op(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """The node ``make_fx`` makes for an aten op, without tracing: the op runs on fake values, its
+    arguments recorded as the dispatcher passes them (positional where the schema allows, defaults
+    left out) and the node named after the op. An op that decomposes is traced (:func:`_inline`)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+    inputs = {id(n.meta["val"]): n for n in _nodes_in((args, kwargs))}
+    values = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with _LastCall() as seen:
+        value = node.target(*values[0], **values[1])
+    if seen.calls != 1 or seen.func is not node.target:
+        return _inline(graph, node, env, {})
+    tensors = [t for t in torch.utils._pytree.tree_leaves((seen.args, seen.kwargs)) if isinstance(t, torch.Tensor)]
+    if any(id(t) not in inputs for t in tensors):
+        return _inline(graph, node, env, {})
+    op_args, op_kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: inputs[id(t)], (seen.args, seen.kwargs))
+    new = graph.create_node("call_function", node.target, op_args, op_kwargs, name=node.target.overloadpacket.__name__)
+    new.meta = dict(node.meta)
+    _set_value(new, value)
+    return new
+
+
+def _nodes_in(structure: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(structure, found.append)
+    return found
+
+
+class _LastCall(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher below it (not the ``prim`` queries of a
+    tensor's device that views make) and keeps the last one's arguments."""
+
+    calls, func, args, kwargs = 0, None, (), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "prim":
+            self.calls, self.func, self.args, self.kwargs = self.calls + 1, func, args, kwargs or {}
+        return func(*args, **(kwargs or {}))
+
+
+def _inline(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any], traces: dict) -> Any:
+    """Copy the ops of the helper that ``node`` calls into ``graph``, each with the call's metadata
+    and its fake value; the helper's result as a structure of ``graph``'s nodes. The helper is
+    traced once per signature (its non-tensor arguments, its tensors' shapes and strides) in
+    ``traces``: a model's blocks call the same helpers with the same shapes."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
+    values = [leaf.meta["val"] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+    signature = (node.target, spec, *(_key(v) for v in values))
+    try:
+        traced = traces.get(signature)
+    except TypeError:  # an argument that cannot be a key: traced for this call alone
+        signature, traced = None, None
+    if traced is None:
+
+        def call(*tensor_values):
+            filled = list(leaves)
+            for i, value in zip(tensors, tensor_values):
+                filled[i] = value
+            a, k = torch.utils._pytree.tree_unflatten(filled, spec)
+            return node.target(*a, **k)
+
+        traced = make_fx(call, pre_dispatch=False)(*[values[i] for i in tensors])
+        if signature is not None:
+            traces[signature] = traced
+    meta = {k: node.meta[k] for k in _CALL_META if k in node.meta}
+    inner: dict[fx.Node, Any] = dict(zip(traced.graph.find_nodes(op="placeholder"), [leaves[i] for i in tensors]))
+    for op in traced.graph.nodes:
+        if op.op == "output":
+            return fx.node.map_arg(op.args[0], inner.__getitem__)
+        if op.op == "get_attr":
+            raise NotImplementedError(f"inline_helpers: {node.target} makes a constant")
+        if op.op == "call_function":
+            inner[op] = new = graph.node_copy(op, inner.__getitem__)
+            new.meta = dict(meta)
+            op_args, op_kwargs = fx.node.map_arg((new.args, new.kwargs), lambda a: a.meta["val"])
+            _set_value(new, op_args[0][op_args[1]] if new.target is operator.getitem else new.target(*op_args, **op_kwargs))
+    raise AssertionError("a traced graph ends in its output")
+
+
+# The metadata a helper's ops take from its call, as ``make_fx`` under ``preserve_node_meta`` gives them
+_CALL_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "custom")
+
+
+def _key(value: Any) -> Any:
+    """What of a helper's argument its trace depends on: a tensor's shape, strides, dtype and device."""
+    return (value.shape, value.stride(), value.dtype, value.device) if isinstance(value, torch.Tensor) else value
 
 
 def _writes_in_place(gm: fx.GraphModule) -> bool:

@@ -3,7 +3,7 @@
 Each node renders as ``name = op(args)  # dtype[shape]  placement  module``: Python like
 ``GraphModule.code``, plus what a reader of a sharded graph asks first (local shapes, the shard
 pass's placement, the module that made it). Diffs between passes drop node names, since every
-re-trace renames the nodes; what remains shows the inserted slices and collectives and the
+pass renames the nodes; what remains shows the inserted slices and collectives and the
 shapes that shrank.
 
 ``PARA_FX_DUMP_DIR=dir`` writes, for every graph the backend compiles, one file per pass,
@@ -52,7 +52,7 @@ class NodeRow:
         return f"{self.name} = {self.op}({self.args})" + (f"  # {notes}" if notes else "")
 
     def anonymous(self) -> str:
-        """The line without names or placement, for diffs across passes: re-tracing renames every
+        """The line without names or placement, for diffs across passes: a pass renames every
         node, and the placement only restates what a changed shape shows."""
         return "  ".join(x for x in (self.op, self.value, self.module) if x)
 

@@ -1,6 +1,6 @@
 """Redistributions between placements, written with functional collectives.
 
-The shard pass inserts calls to these functions; re-tracing the graph inlines them as aten ops
+The shard pass inserts calls to these functions; ``inline_helpers`` inlines them as aten ops
 and ``_c10d_functional`` collectives that Inductor can schedule. The all-gather calls the
 ``_c10d_functional`` op itself: its Python wrapper was renamed between torch 2.11
 (``all_gather_tensor``) and 2.13 (``all_gather_single``, the old name warning), the op was not.
