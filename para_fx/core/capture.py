@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def capture_aten(
@@ -74,16 +74,21 @@ def inline_helpers(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Grap
     helper calls, at a fraction of its cost: the aten ops, already captured, are only run on fake
     values; each helper alone is traced, under its call's metadata.
     """
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    captured = [node.meta.get("val") for node in placeholders]
+    # the capture's fake mode: its fake inputs are reused, and its cache knows most ops' shapes
+    fake_mode = next((v.fake_mode for v in captured if isinstance(v, FakeTensor)), None) or FakeTensorMode(
+        allow_non_fake_inputs=True
+    )
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}  # a node of gm -> its node of graph (a structure of them for a helper)
     traces: dict[tuple, fx.GraphModule] = {}
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad(), fake_mode:
-        for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=True):
+        for node, value, fake in zip(placeholders, example_inputs, captured, strict=True):
             env[node] = new = graph.placeholder(node.target)  # first, as in a traced graph; a pass may interleave them
             new._rename(node.name)  # as named (``placeholder`` would make ``adaLN`` ``ada_ln``)
             new.target = node.target
-            _set_value(new, _to_fake(fake_mode, value))
+            _set_value(new, fake if _same_fake(fake, value, fake_mode) else _to_fake(fake_mode, value))
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 continue
@@ -109,6 +114,15 @@ def inline_helpers(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Grap
     return fx.GraphModule(gm, graph)
 
 
+def _same_fake(fake: Any, value: Any, mode: FakeTensorMode) -> bool:
+    """Whether ``fake`` (a captured input's) stands for ``value`` in ``mode``."""
+    return (
+        isinstance(fake, FakeTensor) and fake.fake_mode is mode and isinstance(value, torch.Tensor)
+        and fake.shape == value.shape and fake.stride() == value.stride() and fake.dtype == value.dtype
+        and fake.device == value.device
+    )
+
+
 def _set_value(node: fx.Node, value: Any) -> None:
     """``meta["val"]`` and ``meta["tensor_meta"]`` as ``make_fx`` records them (less its detached
     copy: each call here makes a new fake value, which nothing else holds)."""
@@ -119,43 +133,32 @@ def _set_value(node: fx.Node, value: Any) -> None:
         node.meta.pop("tensor_meta", None)
 
 
-def _run_op(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-    """The node ``make_fx`` makes for an aten op, without tracing: the op runs on fake values, its
-    arguments recorded as the dispatcher passes them (positional where the schema allows, defaults
-    left out) and the node named after the op. An op that decomposes is traced (:func:`_inline`)."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-    inputs = {id(n.meta["val"]): n for n in _nodes_in((args, kwargs))}
-    values = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    with _LastCall() as seen:
-        value = node.target(*values[0], **values[1])
-    if seen.calls != 1 or seen.func is not node.target:
-        return _inline(graph, node, env, {})
-    tensors = [t for t in torch.utils._pytree.tree_leaves((seen.args, seen.kwargs)) if isinstance(t, torch.Tensor)]
-    if any(id(t) not in inputs for t in tensors):
-        return _inline(graph, node, env, {})
-    op_args, op_kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: inputs[id(t)], (seen.args, seen.kwargs))
-    new = graph.create_node("call_function", node.target, op_args, op_kwargs, name=node.target.overloadpacket.__name__)
+def _run_op(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
+    """The node ``make_fx`` makes for an aten op of the captured graph, without tracing: named after
+    the op, its arguments in the dispatcher's form, its value the op run on fake values. (The ops
+    here came out of ``make_fx``, so none decomposes further.)"""
+    args, kwargs = fx.node.map_arg(_dispatcher_form(node.target, node.args, node.kwargs), env.__getitem__)
+    new = graph.create_node("call_function", node.target, args, kwargs, name=node.target.overloadpacket.__name__)
     new.meta = dict(node.meta)
-    _set_value(new, value)
+    values, kw_values = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
+    _set_value(new, node.target(*values, **kw_values))
     return new
 
 
-def _nodes_in(structure: Any) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(structure, found.append)
-    return found
-
-
-class _LastCall(TorchDispatchMode):
-    """Counts the aten ops that reach the dispatcher below it (not the ``prim`` queries of a
-    tensor's device that views make) and keeps the last one's arguments."""
-
-    calls, func, args, kwargs = 0, None, (), {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != "prim":
-            self.calls, self.func, self.args, self.kwargs = self.calls + 1, func, args, kwargs or {}
-        return func(*args, **(kwargs or {}))
+def _dispatcher_form(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """An aten call's arguments as the dispatcher hands them to a tracer: positional where the
+    schema allows, trailing defaults and defaulted keyword-only ones left out. (The shard pass
+    names every argument of a call whose sizes it localises.)"""
+    if not kwargs:
+        return args, kwargs
+    schema = op._schema.arguments
+    bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value) for i, a in enumerate(schema)}
+    is_default = lambda a: a.has_default_value() and not isinstance(bound[a.name], fx.Node) and bound[a.name] == a.default_value
+    positional = [a for a in schema if not a.kwarg_only]
+    while positional and is_default(positional[-1]):
+        positional.pop()
+    keyword = {a.name: bound[a.name] for a in schema if a.kwarg_only and not is_default(a)}
+    return tuple(bound[a.name] for a in positional), keyword
 
 
 def _inline(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any], traces: dict) -> Any:
