@@ -291,6 +291,52 @@ def test_a_write_no_other_op_reads_is_made_functional_without_a_second_trace(mon
     assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, norm(x))
 
 
+class WritesIntoViews(torch.nn.Module):
+    """Wan's rotary embedding (even and odd features written into an ``empty_like``) and
+    HunyuanVideo's mask (a column set to True)."""
+
+    def forward(self, x, keep):
+        out = torch.empty_like(x)
+        out[..., 0::2] = x[..., 1::2] * 2
+        out[..., 1::2] = x[..., 0::2] - 1
+        mask = keep.clone()
+        mask[:, 0] = True
+        return out * mask[..., None]
+
+
+class ReadsAViewAfterTheWrite(torch.nn.Module):
+    """A view taken before the write and read after it sees the write: no scatter can stand for it."""
+
+    def forward(self, x):
+        buf = x * 1
+        row = buf[:, 0]
+        buf[:, 0] = 0.0
+        return row + buf.sum()
+
+
+@pytest.mark.parametrize("module, inputs, traces", [
+    (WritesIntoViews(), (torch.randn(2, 5, 8), torch.rand(2, 5) > 0.5), 1),
+    (ReadsAViewAfterTheWrite(), (torch.randn(3, 4),), 2),
+], ids=["scatters", "functionalize"])
+def test_writes_into_views_of_a_fresh_tensor_become_scatters_without_a_second_trace(monkeypatch, module, inputs, traces):
+    """A copy or fill into a slice or select of a tensor the graph made becomes a scatter, with no
+    second trace under ``functionalize``, unless a view taken before the write is read after it."""
+    from para_fx.core import capture
+
+    calls = []
+    real_trace = capture._trace
+    monkeypatch.setattr(capture, "_trace", lambda *args: calls.append(1) or real_trace(*args))
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(module, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    captured = capture.capture_aten(graphs[0], list(inputs))
+    assert len(calls) == traces, captured.code
+    assert not capture._writes_in_place(captured), captured.code
+    out = captured(*inputs)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, module(*inputs))
+
+
 def test_a_write_to_an_input_is_traced_through_functionalize():
     """Writes to the graph's inputs become a functional op and one copy back at the end, which the
     passes keep; a graph that writes nothing is traced once, without ``functionalize``."""

@@ -44,7 +44,7 @@ def capture_aten(
     traced = _trace(gm, fake_mode, fake_inputs, False, read_values)
     if functional and _writes_to_inputs(traced):
         traced = _trace(gm, fake_mode, fake_inputs, True, read_values)
-    if functional and _writes_in_place(traced) and not _unobserved_writes_made_functional(traced):
+    if functional and _writes_in_place(traced) and not _unobserved_writes_made_functional(traced, fake_mode):
         # ``functionalize`` does not see the writes of an op whose kernel runs below it (pad_sequence
         # copies its sequences into a zero buffer): traced again, they are plain aten ops that it rewrites
         traced = _trace(traced, fake_mode, fake_inputs, True, {})
@@ -234,22 +234,75 @@ def _writes_made_value(node: fx.Node) -> bool:
     return not (isinstance(written, fx.Node) and written.op == "placeholder")
 
 
-def _unobserved_writes_made_functional(gm: fx.GraphModule) -> bool:
-    """Rewrite each in-place op whose write no other op can see as its out-of-place form; whether
-    that removed every write into a value the graph made. A write is unseen when it goes into a
-    fresh tensor (made by an op that returns no alias) that nothing else reads: the CPU kernel of
-    ``rms_norm`` adds eps in place to the mean it just computed. Cheaper than a second trace."""
-    for node in gm.graph.nodes:
+def _unobserved_writes_made_functional(gm: fx.GraphModule, fake_mode: FakeTensorMode) -> bool:
+    """Rewrite the writes into values the graph made that no other op can see as functional ops;
+    whether that removed them all. Cheaper than a second trace under ``functionalize``, for the two
+    kinds models make: a write into a fresh tensor (made by an op that returns no alias) that nothing
+    else reads becomes its out-of-place op (the CPU kernel of ``rms_norm`` adds eps in place to the
+    mean it just computed); a copy or fill into a slice or select of a fresh tensor becomes a scatter,
+    which stands for the tensor from there on (Wan's rotary embedding writes the even and odd
+    features into an ``empty_like``; HunyuanVideo sets a column of its attention mask)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
         if not _writes_made_value(node):
             continue
         written = node.args[0]
         out_of_place = _out_of_place(node.target)
-        fresh = isinstance(written.target, torch._ops.OpOverload) and not any(
-            r.alias_info is not None for r in written.target._schema.returns
-        )
-        if out_of_place is None or not fresh or len(written.users) != 1:
+        if _fresh(written) and len(written.users) == 1 and out_of_place is not None:
+            node.target = out_of_place
+        elif not _write_into_view_as_scatter(gm, node, order, fake_mode):
             return False
-        node.target = out_of_place
+    return True
+
+
+def _fresh(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and not any(
+        r.alias_info is not None for r in node.target._schema.returns
+    )
+
+
+_aten = torch.ops.aten
+_SCATTER_OF_VIEW = {_aten.slice.Tensor: _aten.slice_scatter.default, _aten.select.int: _aten.select_scatter.default}
+_COPIES = (_aten.copy_.default, _aten.fill_.Tensor, _aten.fill_.Scalar)
+
+
+def _write_into_view_as_scatter(gm: fx.GraphModule, write: fx.Node, order: dict, fake_mode: FakeTensorMode) -> bool:
+    """``base[index] = src`` as ``base = scatter(base, src, index)`` where no other op sees ``base``
+    change: ``base`` is fresh, the view is only written, and no view of ``base`` taken before the
+    write is read (every later reader of ``base`` reads the scatter instead)."""
+    view = write.args[0]
+    scatter = _SCATTER_OF_VIEW.get(view.target)
+    base = view.args[0] if view.args else None
+    if scatter is None or write.target not in _COPIES or write.users or len(view.users) != 1 or not _fresh(base):
+        return False
+    if any(order[u] < order[write] and u is not view and not _fresh(u) for u in base.users):
+        return False  # an alias of base made before the write would see it
+    graph, target = gm.graph, view.meta["val"]
+
+    def add(op, args, kwargs=None):
+        new = graph.create_node("call_function", op, args, kwargs or {}, name=op.overloadpacket.__name__)
+        new.meta = {k: write.meta[k] for k in _CALL_META if k in write.meta}
+        values, kw_values = fx.node.map_arg((args, kwargs or {}), lambda a: a.meta["val"])
+        with fake_mode:
+            _set_value(new, op(*values, **kw_values))
+        return new
+
+    with graph.inserting_before(write.next):
+        if write.target is _aten.fill_.Scalar:
+            src = add(_aten.full.default, (list(target.shape), write.args[1]),
+                      dict(dtype=target.dtype, layout=torch.strided, device=target.device, pin_memory=False))
+        else:
+            src = write.args[1]
+            if src.meta["val"].dtype != target.dtype:
+                src = add(_aten._to_copy.default, (src,), dict(dtype=target.dtype))
+            if src.meta["val"].shape != target.shape:
+                src = add(_aten.expand.default, (src, list(target.shape)))
+        scattered = add(scatter, (base, src, *view.args[1:]))
+    for user in list(base.users):
+        if order.get(user, -1) > order[write]:
+            user.replace_input_with(base, scattered)
+    graph.erase_node(write)
+    graph.erase_node(view)
     return True
 
 
