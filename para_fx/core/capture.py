@@ -292,9 +292,9 @@ def _write_into_view_as_scatter(gm: fx.GraphModule, write: fx.Node, order: dict,
             src = add(_aten.full.default, (list(target.shape), write.args[1]),
                       dict(dtype=target.dtype, layout=torch.strided, device=target.device, pin_memory=False))
         else:
-            src = write.args[1]
-            if src.meta["val"].dtype != target.dtype:
-                src = add(_aten._to_copy.default, (src,), dict(dtype=target.dtype))
+            src = write.args[1]  # a fill's value may be a CPU scalar tensor for a CUDA tensor
+            if src.meta["val"].dtype != target.dtype or src.meta["val"].device != target.device:
+                src = add(_aten._to_copy.default, (src,), dict(dtype=target.dtype, device=target.device))
             if src.meta["val"].shape != target.shape:
                 src = add(_aten.expand.default, (src, list(target.shape)))
         scattered = add(scatter, (base, src, *view.args[1:]))
