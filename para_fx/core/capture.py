@@ -275,7 +275,7 @@ def _write_into_view_as_scatter(gm: fx.GraphModule, write: fx.Node, order: dict,
     base = view.args[0] if view.args else None
     if scatter is None or write.target not in _COPIES or write.users or len(view.users) != 1 or not _fresh(base):
         return False
-    if any(order[u] < order[write] and u is not view and not _fresh(u) for u in base.users):
+    if any(order.get(u, -1) < order[write] and u is not view and not _fresh(u) for u in base.users):
         return False  # an alias of base made before the write would see it
     graph, target = gm.graph, view.meta["val"]
 
