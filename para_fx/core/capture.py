@@ -96,15 +96,11 @@ def inline_helpers(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Grap
                 graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
             elif node.target is operator.getitem and not isinstance(env[node.args[0]], fx.Node):
                 env[node] = env[node.args[0]][node.args[1]]  # an item of a helper's inlined result
-            elif node.target is operator.getitem:
-                env[node] = new = graph.node_copy(node, env.__getitem__)
-                _set_value(new, new.args[0].meta["val"][new.args[1]])
             elif isinstance(node.target, torch._ops.OpOverload):
                 env[node] = _run_op(graph, node, env)
-            elif isinstance(node.target, torch._ops.HigherOrderOperator):  # flex attention: kept, its subgraphs too
-                env[node] = new = graph.node_copy(node, env.__getitem__)
-                args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda a: a.meta["val"])
-                _set_value(new, new.target(*args, **kwargs))
+            elif node.target is operator.getitem or isinstance(node.target, torch._ops.HigherOrderOperator):
+                env[node] = graph.node_copy(node, env.__getitem__)  # flex attention: kept, its subgraphs too
+                _propagate(env[node])
             elif node.op == "call_function":
                 env[node] = _inline(graph, node, env, traces)
             else:  # a constant the capture kept as an attribute
@@ -121,6 +117,13 @@ def _same_fake(fake: Any, value: Any, mode: FakeTensorMode) -> bool:
         and fake.shape == value.shape and fake.stride() == value.stride() and fake.dtype == value.dtype
         and fake.device == value.device
     )
+
+
+def _propagate(node: fx.Node) -> None:
+    """Give ``node`` its fake value: its op run on its arguments' values (for ``getitem``, an item
+    of its argument's)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+    _set_value(node, args[0][args[1]] if node.target is operator.getitem else node.target(*args, **kwargs))
 
 
 def _set_value(node: fx.Node, value: Any) -> None:
@@ -140,8 +143,7 @@ def _run_op(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
     args, kwargs = fx.node.map_arg(_dispatcher_form(node.target, node.args, node.kwargs), env.__getitem__)
     new = graph.create_node("call_function", node.target, args, kwargs, name=node.target.overloadpacket.__name__)
     new.meta = dict(node.meta)
-    values, kw_values = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-    _set_value(new, node.target(*values, **kw_values))
+    _propagate(new)
     return new
 
 
@@ -197,8 +199,7 @@ def _inline(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any], traces: dic
         if op.op == "call_function":
             inner[op] = new = graph.node_copy(op, inner.__getitem__)
             new.meta = dict(meta)
-            op_args, op_kwargs = fx.node.map_arg((new.args, new.kwargs), lambda a: a.meta["val"])
-            _set_value(new, op_args[0][op_args[1]] if new.target is operator.getitem else new.target(*op_args, **op_kwargs))
+            _propagate(new)
     raise AssertionError("a traced graph ends in its output")
 
 
@@ -282,9 +283,8 @@ def _write_into_view_as_scatter(gm: fx.GraphModule, write: fx.Node, order: dict,
     def add(op, args, kwargs=None):
         new = graph.create_node("call_function", op, args, kwargs or {}, name=op.overloadpacket.__name__)
         new.meta = {k: write.meta[k] for k in _CALL_META if k in write.meta}
-        values, kw_values = fx.node.map_arg((args, kwargs or {}), lambda a: a.meta["val"])
         with fake_mode:
-            _set_value(new, op(*values, **kw_values))
+            _propagate(new)
         return new
 
     with graph.inserting_before(write.next):
