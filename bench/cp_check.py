@@ -1,10 +1,11 @@
 """Context parallelism on real GPUs, FLUX.1-dev-shaped (random bf16, 1024 px): correctness
 against single-GPU eager and what explain sees there, for Ulysses and Ring over the whole world.
 
-    torchrun --nproc_per_node=2 bench/cp_check.py [OUT.json]
+    [PARA_OPTIONS=split_vector_matmuls,...] torchrun --nproc_per_node=2 bench/cp_check.py [OUT.json]
 
 The para backend runs with the aot_eager inner compiler (no Inductor compile time). Eager's own
-flash-vs-math SDPA difference on the same input is the bf16 noise level.
+flash-vs-math SDPA difference on the same input is the bf16 noise level. ``PARA_OPTIONS``: backend
+flags turned on (comma-separated), recorded in the output.
 """
 
 import json
@@ -34,7 +35,8 @@ def main():
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda", torch.cuda.current_device())
     resolution = int(os.environ.get("RES", "1024"))
-    out = {"world": world, "resolution": resolution, "torch": torch.__version__}
+    options = {name: True for name in os.environ.get("PARA_OPTIONS", "").split(",") if name}
+    out = {"world": world, "resolution": resolution, "torch": torch.__version__, "options": sorted(options)}
     with torch.no_grad():
         model = harness.build_flux(False, device, torch.bfloat16)
         inputs = harness.flux_step_inputs(model, resolution, 512, steps=2)[1]
@@ -44,7 +46,7 @@ def main():
         for ring, ulysses in ((1, world), (world, 1)):
             mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager"))
+            compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="aot_eager", **options))
             row = {"rel_err": relative_error(compiled(**inputs)[0], expected)}
             torch._dynamo.reset()
             report = para_fx.explain(model, kwargs=inputs, mesh=mesh)

@@ -233,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="para with schedule_collectives=True: rows labelled para+schedule_collectives")
     parser.add_argument("--shared-blocks", action="store_true",
                         help="para with shared_blocks=True (each distinct block compiled once): rows labelled para+shared_blocks")
+    parser.add_argument("--split-vector-matmuls", action="store_true",
+                        help="para with split_vector_matmuls=True (modulation matmuls split by columns): rows labelled para+split_vector_matmuls")
     parser.add_argument("--ring-kv", choices=RING_KV, default="pass",
                         help="para with ring_kv=...: rows other than pass labelled para+ring_kv_gather")
     parser.add_argument("--ring-transport", choices=RING_TRANSPORTS, default="nccl",
@@ -241,7 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="default bench/results/cp_<kind>.json")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.para_options = {name: True for name in ("fuse_projections", "schedule_collectives", "shared_blocks") if getattr(args, name)}
+    args.para_options = {name: True for name in ("fuse_projections", "schedule_collectives", "shared_blocks", "split_vector_matmuls")
+                         if getattr(args, name)}
     if args.ring_kv != "pass":
         args.para_options["ring_kv"] = args.ring_kv
     if args.ring_transport != "nccl":

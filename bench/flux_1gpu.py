@@ -15,6 +15,7 @@ cold: see ``harness.fresh_inductor_cache``).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import traceback
@@ -181,7 +182,12 @@ def run_para_cache(b: Bench) -> None:
         times = b.times(step, inputs[1:])
     stats = _stats(para_fx.cache_stats(compiled))
     skipped_every_step = stats["computed"] == 1 and stats["skipped"] == b.args.warmup + b.args.iters
-    b.record("para_cache_skip", times, cache_stats=stats, skipped_every_step=skipped_every_step)
+    profile = {}
+    if b.args.profile:  # a session of its own, after the counted one
+        with para_fx.cache_session(compiled):
+            step(inputs[0])
+            profile = b.profile(step, inputs[1:])
+    b.record("para_cache_skip", times, cache_stats=stats, skipped_every_step=skipped_every_step, **profile)
     if not computed_every_step:
         b.flag("para_cache_compute", f"threshold 0 did not compute every step: {stats}")
     if not skipped_every_step:
@@ -264,7 +270,13 @@ def run_paraattention(b: Bench) -> None:
     with paraattention_session(SKIP_THRESHOLD):
         step(inputs[0])
         times = b.times(step, inputs[1:])
-    b.record("paraattention_skip", times, threshold=SKIP_THRESHOLD, decisions=counter.as_dict())
+    decisions = counter.as_dict()
+    profile = {}
+    if b.args.profile:
+        with paraattention_session(SKIP_THRESHOLD):
+            step(inputs[0])
+            profile = b.profile(step, inputs[1:])
+    b.record("paraattention_skip", times, threshold=SKIP_THRESHOLD, decisions=decisions, **profile)
 
 
 def run_diffusers_fbc(b: Bench) -> None:
@@ -458,6 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
                         help="aot_eager checks the script's plumbing quickly (timings then mean nothing)")
     parser.add_argument("--profile", action="store_true", help="add a kernel profile of compiled rows (CUDA)")
+    parser.add_argument("--inductor-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="an Inductor config value for every compile of the run (repeatable), e.g. cpp_wrapper=True")
     parser.add_argument("--ab-rounds", type=int, default=6, help="alternating rounds of ab_para_inductor")
     parser.add_argument("--out", default=None, help="result JSON (the .md goes beside it)")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
@@ -500,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"image + {args.text_len} text tokens, batch 1")
     for key, value in dict(warmup=args.warmup, iters=args.iters, compiler=args.compiler).items():
         b.results.put(None, key, value)
+    import torch._inductor.config
+
+    for setting in args.inductor_config:
+        name, value = setting.split("=", 1)
+        setattr(torch._inductor.config, name, ast.literal_eval(value))
+        b.results.put("inductor_config", name, value)
     command = "python bench/flux_1gpu.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     b.results.append("commands", command.strip())
     for note in args.note:

@@ -281,7 +281,15 @@ def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torc
         "nccl_ms_per_call": round(_covered_us(comm) / 1e3 / calls, 3),
         "exposed_nccl_ms_per_call": round(_exposed_us(comm, compute) / 1e3 / calls, 3),
         "top": [{"kernel": name[:160], "ms": round(ms, 3), "count": round(count)} for name, (ms, count) in ranked[:top]],
+        "top_host": _host_ops(prof, calls, top),
     }
+
+
+def _host_ops(prof, calls: int, top: int) -> list[dict]:
+    """The host ops that take the most of the host's own time (where a step short of kernels waits)."""
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key[:160], "self_ms": round(e.self_cpu_time_total / 1e3 / calls, 3), "count": round(e.count / calls)}
+            for e in rows]
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

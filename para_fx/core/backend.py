@@ -30,6 +30,7 @@ from .static_inputs import mark_static_inputs, static_flags
 from ..passes.cache import insert_first_block_cache
 from ..passes.fuse_projections import FusedWeights, fuse_projections
 from ..passes.schedule import overlap_collectives
+from ..passes.split_vector_matmuls import split_vector_matmuls
 from ..passes.shared_blocks import share_blocks
 from ..passes.shard import ShardSpec, shard
 from ..passes.shard_rules import Group
@@ -53,6 +54,7 @@ class Options:
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
+    split_vector_matmuls: bool = False  # replicated vectors' matmuls split by columns (passes/split_vector_matmuls.py)
     ring_kv: str = "pass"  # how Ring brings the other ranks' keys/values (runtime/attention.py)
     ring_transport: str = "nccl"  # what carries them between GPUs (runtime/attention.py)
     # static graphs this backend compiled, for Dynamo's dynamic graph of the same frame to reuse
@@ -88,6 +90,7 @@ def backend(
     fuse_projections: bool = False,
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
+    split_vector_matmuls: bool = False,
     ring_kv: str = "pass",
     ring_transport: str = "nccl",
 ) -> ParaBackend:
@@ -118,6 +121,11 @@ def backend(
     becomes a call of one ``invoke_subgraph`` per distinct block, so Inductor compiles FLUX's 57
     blocks as two (:mod:`para_fx.passes.shared_blocks`). Not applied together with ``cache`` yet:
     the cached blocks sit inside the ``torch.cond``.
+
+    ``split_vector_matmuls`` (experimental): the matmuls of replicated vectors (adaLN modulation:
+    the conditioning vector against each block's large weight) split by output columns over the
+    sequence group, each rank reading its share of those weights, one all-gather joining them
+    (:mod:`para_fx.passes.split_vector_matmuls`). Not applied together with ``cache``.
     """
     check_mode(check_inputs)
     if ring_kv not in RING_KV:
@@ -136,7 +144,8 @@ def backend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
             fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
-            shared_blocks=shared_blocks, ring_kv=ring_kv, ring_transport=ring_transport,
+            shared_blocks=shared_blocks, split_vector_matmuls=split_vector_matmuls, ring_kv=ring_kv,
+            ring_transport=ring_transport,
         )
     )
 
@@ -301,9 +310,26 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
             spec = ShardSpec(kind, Group(parts, rank, group), info, options.ring_kv, options.ring_transport)
             graph = inline_helpers(shard(graph, spec, report), example_inputs)
             report.add_graph(f"shard_{kind}", graph)
+            if kind == "seq" and options.split_vector_matmuls:
+                _split_vector_matmuls_pass(graph, spec.group, options, report)
     if options.schedule_collectives and overlap_collectives(graph):
         report.add_graph("schedule_collectives", graph)
     return graph
+
+
+def _split_vector_matmuls_pass(graph: fx.GraphModule, group: Group, options: Options, report: Report) -> None:
+    """Skipped with the cache: the pass moves every block's modulation in front of the first block,
+    where a skipped step would compute them all."""
+    if options.cache is not None:
+        report.notes.append("split vector matmuls: not applied with the first block cache (it would run them on skipped steps)")
+        return
+    split = split_vector_matmuls(graph, group)
+    if split is not None:
+        report.notes.append(
+            f"split vector matmuls: {split.matmuls} matmuls of replicated vectors split by columns over {group.parts} "
+            f"ranks, one all-gather; {split.bytes_saved / 2**20:.0f} MiB of weights fewer read per rank and call"
+        )
+        report.add_graph("split_vector_matmuls", graph)
 
 
 def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report):
