@@ -81,6 +81,16 @@ class Bench:
         """torch.compile's CUDA-graph mode; none with ``--compiler aot_eager`` (it configures Inductor)."""
         return "reduce-overhead" if self.args.compiler == "inductor" else None
 
+    def para_compile_options(self) -> dict:
+        """torch.compile's keyword arguments for the para rows besides the backend: with
+        ``--skip-module-guards``, Dynamo's guards on the model's modules and parameters are dropped
+        (fewer host checks per call; a changed parameter then goes unnoticed)."""
+        import torch
+
+        if not self.args.skip_module_guards:
+            return {}
+        return {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+
     def para_backend(self, **options):
         import para_fx
 
@@ -141,7 +151,7 @@ def run_para(b: Bench) -> None:
     import torch
 
     model = b.model()
-    b.compile_and_time("para", torch.compile(model, backend=b.para_backend()), b.inputs(model))
+    b.compile_and_time("para", torch.compile(model, backend=b.para_backend(), **b.para_compile_options()), b.inputs(model))
 
 
 def run_para_cudagraphs(b: Bench) -> None:
@@ -164,7 +174,7 @@ def run_para_cache(b: Bench) -> None:
     model = b.model()
     inputs = b.inputs(model)
     cache = para_fx.FirstBlockCache(threshold=0.0, warmup_steps=0)
-    compiled = torch.compile(model, backend=b.para_backend(cache=cache))
+    compiled = torch.compile(model, backend=b.para_backend(cache=cache), **b.para_compile_options())
     step = lambda kwargs: compiled(**kwargs)  # noqa: E731
 
     with para_fx.cache_session(compiled):
@@ -472,6 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="add a kernel profile of compiled rows (CUDA)")
     parser.add_argument("--inductor-config", action="append", default=[], metavar="NAME=VALUE",
                         help="an Inductor config value for every compile of the run (repeatable), e.g. cpp_wrapper=True")
+    parser.add_argument("--skip-module-guards", action="store_true",
+                        help="para and para_cache compiled without Dynamo's guards on modules and parameters")
     parser.add_argument("--ab-rounds", type=int, default=6, help="alternating rounds of ab_para_inductor")
     parser.add_argument("--out", default=None, help="result JSON (the .md goes beside it)")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
@@ -516,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         b.results.put(None, key, value)
     import torch._inductor.config
 
+    if args.skip_module_guards:
+        b.results.put(None, "guard_filter", "skip_guard_on_all_nn_modules_unsafe (para rows)")
     for setting in args.inductor_config:
         name, value = setting.split("=", 1)
         setattr(torch._inductor.config, name, ast.literal_eval(value))

@@ -157,3 +157,20 @@ def test_a_shape_compiled_at_call_time_uses_inductors_graph_cache():
     first_cold, second_cold, first_warm, second_warm = outcomes
     assert first_cold == second_cold == {"fxgraph_cache_miss": 1}, outcomes
     assert first_warm == second_warm == {"fxgraph_cache_hit": 1}, outcomes
+
+
+def test_inputs_are_not_checked_again_in_inductors_wrapper_unless_asked(monkeypatch):
+    """Dynamo's guards check the inputs; Inductor's per-call size asserts are off by default."""
+    from torch._inductor import graph as inductor_graph
+
+    seen = []
+    original = inductor_graph.GraphLowering.codegen
+
+    def record(self, *args, **kwargs):
+        seen.append(config.size_asserts)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_graph.GraphLowering, "codegen", record)
+    compile_and_record(monkeypatch, backend=para_fx.backend())
+    compile_and_record(monkeypatch, backend="para", options={"size_asserts": True})
+    assert seen == [False, True]
