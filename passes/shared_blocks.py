@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from para_fx.core.capture import may_alias
 from para_fx.inspect.dump import is_collective
 from para_fx.inspect.report import Report
 
@@ -116,17 +117,9 @@ def _mutated_args(node: fx.Node) -> list[fx.Node]:
     return written
 
 
-def _is_view(node: fx.Node) -> bool:
-    """Whether ``node``'s result may share memory with another value (a view, or a piece of one)."""
-    if node.target is operator.getitem:
-        return _is_view(node.args[0])
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
-
-
 def _base(node: fx.Node) -> fx.Node:
     """The value whose memory a chain of views reads."""
-    while node.op == "call_function" and _is_view(node) and node.all_input_nodes:
+    while node.op == "call_function" and may_alias(node) and node.all_input_nodes:
         node = node.all_input_nodes[0]
     return node
 
@@ -166,7 +159,7 @@ def _subgraph(outline: _Outline) -> fx.GraphModule:
     results = []
     for node in outline.outputs:
         value = env[node]
-        if _is_view(node):
+        if may_alias(node):
             value = graph.call_function(aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
             value.meta["val"] = node.meta["val"].clone(memory_format=torch.contiguous_format)
         results.append(value)

@@ -256,10 +256,17 @@ def _unobserved_writes_made_functional(gm: fx.GraphModule, fake_mode: FakeTensor
     return True
 
 
+def may_alias(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with another value (a view, or an item of one)."""
+    if node.target is operator.getitem:
+        return may_alias(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
 def _fresh(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload) and not any(
-        r.alias_info is not None for r in node.target._schema.returns
-    )
+    """A new tensor made by an aten op (not a view of anything)."""
+    return isinstance(node.target, torch._ops.OpOverload) and not may_alias(node)
 
 
 _aten = torch.ops.aten
