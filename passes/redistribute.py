@@ -8,7 +8,8 @@ placement) and given the memory order of the value it stands for, so later views
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,33 @@ from para_fx.runtime import collectives
 from .shard_rules import Group, family, tensor_inputs, val
 
 # families whose ops are cheap enough to re-run on whole tensors instead of gathering their result
-_RECOMPUTABLE = ("pointwise", "copy", "view", "reshape", "slice")
+_RECOMPUTABLE = ("pointwise", "copy", "view", "reshape", "slice", "split", "join", "scatter")
+
+
+def whole_chain(node: fx.Node, placements: dict, at_hand: Callable[[fx.Node], bool], budget: int = 16) -> list[fx.Node] | None:
+    """The nodes to re-run, inputs first, for ``node``'s replicated value without communication:
+    a short chain of cheap ops from values replicated or ``at_hand`` whole (split where they
+    appear, the original kept); None if there is none. The plan asks it before calling an op's
+    whole input free; the emitter then re-runs the chain it names."""
+    chain: list[fx.Node] = []
+
+    def visit(n: fx.Node) -> bool:
+        if n in chain or at_hand(n) or isinstance(placements[n], Replicate):
+            return True
+        if len(chain) >= budget or n.op != "call_function":
+            return False
+        if n.target is operator.getitem:  # an item of a split: re-run the split
+            inputs = [n.args[0]]
+        elif family(n.target) in _RECOMPUTABLE:
+            inputs = tensor_inputs(n)
+        else:
+            return False
+        if not all(visit(a) for a in inputs):
+            return False
+        chain.append(n)
+        return True
+
+    return chain if visit(node) else None
 
 
 def mark(node: fx.Node, **entries: object) -> None:
@@ -32,7 +59,7 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride()[d], -d)))
 
 
-def _same_rows(have: Placement, want: Placement, parts: int) -> bool:
+def same_rows(have: Placement, want: Placement, parts: int) -> bool:
     """Two splits of one dim that give every rank the same items (1024 tokens, or 32 rows of 32)."""
     if not (isinstance(have, Shard) and isinstance(want, Shard)):
         return False
@@ -50,7 +77,7 @@ class Redistributor:
     def value(self, node: fx.Node, want: Placement, user: fx.Node) -> fx.Node:
         """``node``'s emitted value in placement ``want``."""
         have = self.placements[node]
-        if have == want or _same_rows(have, want, self.group.parts):
+        if have == want or same_rows(have, want, self.group.parts):
             return self.env[node]
         key = (node, want)
         if key not in self.moved:
@@ -61,7 +88,7 @@ class Redistributor:
     def _move(self, node: fx.Node, have: Placement, want: Placement, user: fx.Node) -> fx.Node:
         g, x = self.group, self.env[node]
         if isinstance(have, Shard) and have != want:  # a cheap replicated recomputation beats a gather
-            whole = self._recompute(node, budget=[16])
+            whole = self._recompute(node)
             if whole is not None:
                 x, have = whole, REPLICATE
         if isinstance(have, Partial):
@@ -81,22 +108,14 @@ class Redistributor:
             v = v[0]
         return self.call(collectives.in_memory_order, (x, memory_order(v)), user)
 
-    def _recompute(self, node: fx.Node, budget: list[int]) -> fx.Node | None:
-        """The replicated value of ``node`` by re-running a short chain of views and pointwise ops
-        from values that are replicated (e.g. a RoPE table sliced to one layout, needed in another)."""
-        if node in self.full:
-            return self.full[node]
-        if isinstance(self.placements[node], Replicate):
-            return self.env[node]
-        budget[0] -= 1
-        if budget[0] < 0 or node.op != "call_function" or family(node.target) not in _RECOMPUTABLE:
+    def _recompute(self, node: fx.Node) -> fx.Node | None:
+        """The replicated value of ``node`` by re-running a short chain of cheap ops from values
+        whole at hand (e.g. a RoPE table sliced to one layout, needed in another)."""
+        chain = whole_chain(node, self.placements, lambda n: n in self.full)
+        if chain is None:
             return None
-        whole_inputs: dict[fx.Node, Any] = {}
-        for a in tensor_inputs(node):
-            whole_inputs[a] = self._recompute(a, budget)
-            if whole_inputs[a] is None:
-                return None
-        remap = lambda a: whole_inputs[a] if a in whole_inputs else self.env[a]
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), remap)
-        self.full[node] = self.call(node.target, args, node, kwargs)
-        return self.full[node]
+        for n in chain:
+            remap = lambda a: self.full.get(a, self.env[a])
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), remap)
+            self.full[n] = self.call(n.target, args, n, kwargs)
+        return self.full.get(node, self.env[node])

@@ -25,11 +25,11 @@ from torch.fx.operator_schemas import normalize_function
 
 from para_fx.runtime.attention import sharded_attention
 from para_fx.core.mesh import MeshInfo
-from para_fx.core.placement import REPLICATE, Placement, Replicate, Shard, global_size, plain
+from para_fx.core.placement import REPLICATE, Partial, Placement, Replicate, Shard, global_size, plain
 from para_fx.inspect.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .localize import localize
-from .redistribute import Redistributor, mark
+from .redistribute import Redistributor, mark, same_rows, whole_chain
 from .shard_rules import Call, Decision, Group, decide, family, replicated, reshape_placement, shape, tensor_inputs, val
 
 aten = torch.ops.aten
@@ -95,7 +95,9 @@ def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, Shard]:
             continue
         wanted = {None: demand[node]} if node in demand else item_demand.get(node, {})
         kind = family(node.target)
-        if not wanted or kind == "attention":
+        if not wanted or kind == "attention" or node.target is aten.select_scatter.default:
+            # a row written into a buffer: the result is split where it appears, not the buffer
+            # before it, whose other writes (a slice of embeddings overwritten) may cut that split
             continue
         inputs = tensor_inputs(node)
         if kind in ("slice", "scatter") and None in wanted and _segment_dim(node) == wanted[None].dim:
@@ -106,16 +108,23 @@ def find_demand(graph: fx.Graph, spec: ShardSpec) -> dict[fx.Node, Shard]:
                     demand.setdefault(a, Shard(dim, plain(shape(a)[dim])))
             continue
         for a in inputs:
-            if a in demand:
+            if a in demand and not _is_plain(demand[a]):
                 continue
             for candidate in _candidates(node, a, wanted, spec.group.parts):
                 trial = {x: REPLICATE for x in inputs}
                 trial[a] = candidate
                 decision = decide(node, trial, spec.group)
                 if decision.reason is None and _produces(decision.out, wanted):
-                    demand[a] = candidate
+                    _refine(demand, a, candidate)
                     break
     return demand
+
+
+def _refine(demand: dict[fx.Node, Shard], a: fx.Node, candidate: Shard) -> None:
+    """Demand ``candidate`` of ``a``. A plain demand takes any layout of its dim, so the segmented
+    layout one user needs (tokens regrouped by frame, each frame split) serves every user."""
+    if a not in demand or (candidate.dim == demand[a].dim and _is_plain(demand[a]) and not _is_plain(candidate)):
+        demand[a] = candidate
 
 
 def _candidates(node: fx.Node, a: fx.Node, wanted: dict, parts: int):
@@ -168,12 +177,43 @@ def plan(gm: fx.GraphModule, spec: ShardSpec) -> Plan:
         elif node.target is operator.getitem and isinstance(p.placements.get(node.args[0]), list):
             p.placements[node] = p.placements[node.args[0]][node.args[1]]
         else:
-            decision = _plan_attention(node, p, spec) if family(node.target) == "attention" else decide(node, p.placements, spec.group)
+            decision = _plan_attention(node, p, spec) if family(node.target) == "attention" else _decide(node, p, spec)
             p.decisions[node] = decision
             p.placements[node] = decision.out
         if node in demand and isinstance(p.placements[node], Replicate) and shape(node)[demand[node].dim] >= spec.group.parts:
             p.starts[node] = p.placements[node] = demand[node]
     return p
+
+
+def _decide(node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:
+    """``node``'s decision. A split input whose whole value is at hand anyway (split where it
+    appears, or a short chain of cheap ops from such values, which the emitter re-runs whole:
+    :func:`whole_chain`) is seen as replicated where that spares a fallback or a gather: a slice
+    that cuts its shards reads the whole value, a fresh buffer follows the layout of what is
+    written into it."""
+    decision = decide(node, p.placements, spec.group)
+    if _cost(decision, p, spec.group, ()) == (False, 0):
+        return decision
+    at_hand = [a for a in tensor_inputs(node)
+               if isinstance(p.placements[a], Shard) and whole_chain(a, p.placements, p.starts.__contains__) is not None]
+    cost = _cost(decision, p, spec.group, at_hand)
+    if not at_hand or cost == (False, 0):
+        return decision
+    whole = decide(node, {**p.placements, **{a: REPLICATE for a in at_hand}}, spec.group)
+    return whole if _cost(whole, p, spec.group, at_hand) < cost else decision
+
+
+def _cost(decision: Decision, p: Plan, group: Group, at_hand) -> tuple[bool, int]:
+    """Whether ``decision`` falls back, and how many of its inputs it gathers or reduces (a split
+    input whose whole is ``at_hand`` moves for free, as does a replicated one)."""
+    moved = 0
+    for a, want in decision.inputs.items():
+        have = p.placements[a]
+        if isinstance(have, Partial) and want != have:
+            moved += 1
+        elif isinstance(have, Shard) and want != have and a not in at_hand and not same_rows(have, want, group.parts):
+            moved += 1
+    return decision.reason is not None, moved
 
 
 def _plan_attention(node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:

@@ -465,13 +465,30 @@ def slice_scatter(call: Call, pl) -> Decision:
     dim = call.dim("dim", len(shape(x)))
     if dim != p.dim:
         return Decision({x: p, src: p}, p) if shape(src)[p.dim] == size else replicated(call, "scatter shapes differ")
-    if not isinstance(pl[x], Shard):
-        p = Shard(dim, plain(size))
     start, end, step = slice_bounds(call, size)
+    if not isinstance(pl[x], Shard):
+        # a whole destination is cut to the source's layout (free): the source keeps its shards
+        p = Shard(dim, normalize(((start, 1),) + p.layout + ((size - end, 1),)) if step == 1 else plain(size))
     span = segment_span(p.layout, start, end) if step == 1 else None
     if span is None:
         return replicated(call, f"scatter into [{start}:{end}:{step}] of the sharded dim cuts a shard")
     return Decision({x: p, src: Shard(dim, span)}, p)
+
+
+@rule(aten.select_scatter.default, family="scatter")
+def select_scatter(call: Call, pl) -> Decision:
+    """``src`` written at one index of a dim that is not split: each rank writes its shard."""
+    x, src = call["self"], call["src"]
+    dim = call.dim("dim", len(shape(x)))
+    if isinstance(pl[x], Shard):
+        p = pl[x]
+    elif isinstance(pl[src], Shard):
+        p = Shard(pl[src].dim + (dim <= pl[src].dim), pl[src].layout)
+    else:
+        return replicated(call)
+    if p.dim == dim:
+        return replicated(call, "scatter into an index of the sharded dim")
+    return Decision({x: p, src: Shard(p.dim - (dim < p.dim), p.layout)}, p)
 
 
 @rule(aten.constant_pad_nd.default, family="pad")
