@@ -2,13 +2,14 @@
 registered for that size, and each test asserts on its own case.
 
 Spawning ranks costs seconds of start-up (torch, diffusers, Dynamo) per spawn; one spawn per world
-size pays it once. A case is a module-level function (the ranks import it by name) registered with
-``add(world, name, fn, *args)`` when its test module is imported. On every rank each case runs in a
-process group of its own (a case that raises halfway leaves nothing for the next one to trip on),
-and its result, or its traceback, is sent to the parent as soon as it finishes. So a case that
-fails fails its own test only; a rank that dies or hangs fails the cases it did not finish, with
-the reason, and the spawn is killed ``SPAWN_TIMEOUT`` seconds after the tests start waiting for it:
-nothing hangs.
+size pays it once, and the 3-rank cases, about a second of work, run on the first 3 ranks of the
+4-rank spawn (``HOSTED``) rather than pay for a spawn of their own. A case is a module-level
+function (the ranks import it by name) registered with ``add(world, name, fn, *args)`` when its
+test module is imported. On every rank of its world each case runs in a process group of its own
+(a case that raises halfway leaves nothing for the next one to trip on), and its result, or its
+traceback, is sent to the parent as soon as it finishes. So a case that fails fails its own test
+only; a rank that dies or hangs fails the cases it did not finish, with the reason, and the spawn
+is killed ``SPAWN_TIMEOUT`` seconds after the tests start waiting for it: nothing hangs.
 
 tests/conftest.py starts every spawn as soon as the tests are collected, at a low priority: the
 ranks use what the first (one-process) tier leaves of the cores, and that tier runs as fast as on
@@ -38,6 +39,7 @@ from para_fx.runtime.runner import free_port
 
 COLLECTIVE_TIMEOUT = 300  # s: a rank waiting longer in one collective raises (a case bug, not a slow CPU)
 SPAWN_TIMEOUT = {2: 1500, 3: 300, 4: 1500}  # s from the first wait for a spawn to its end, on a busy 2-core machine
+HOSTED = {3: 4}  # world size of the cases -> the larger spawn whose first ranks run them, the others idle
 RANK_NICENESS = 10  # the ranks yield the cores to the pytest process and to what it runs in the foreground
 ORPHAN_TIMEOUT = 3600  # s a rank waits for the prepared cases: a rank whose parent died gives up
 
@@ -46,8 +48,14 @@ _SPAWNS: dict[int, "Spawn"] = {}
 SECONDS: dict[tuple[int, str], tuple[float, float]] = {}  # (world, case) -> rank 0's wall and CPU seconds
 
 
+def spawn_world(world: int) -> int:
+    """The world size of the spawn that runs the cases of ``world`` ranks."""
+    host = HOSTED.get(world)
+    return host if host in _CASES else world
+
+
 def add(world: int, name: str, fn: Callable, *args: Any, prepared: Callable[[], Any] | None = None) -> None:
-    """Register ``fn(*args)`` to run on every rank of the world-``world`` spawn.
+    """Register ``fn(*args)`` to run on ``world`` ranks, each in a process group of that size.
 
     ``prepared``: a function the parent calls when the case's result is first asked for, whose
     value is passed as the last argument: what is costly to make (single-process references) is
@@ -64,9 +72,9 @@ def mesh_id(value: Any) -> str:
 
 
 def start(world: int) -> None:
-    """Start the world-``world`` ranks on the cases that need nothing prepared (idempotent)."""
-    if world in _CASES and world not in _SPAWNS:
-        _SPAWNS[world] = Spawn(world)
+    """Start the spawn of the world-``world`` cases on those that need nothing prepared (idempotent)."""
+    if world in _CASES and spawn_world(world) not in _SPAWNS:
+        _SPAWNS[spawn_world(world)] = Spawn(spawn_world(world))
 
 
 def start_all() -> None:
@@ -80,7 +88,7 @@ def result(world: int, name: str) -> list:
     start(world)
     for spawn in sorted(_SPAWNS.values(), key=lambda s: s.world):  # the others run while this one is awaited
         spawn.send_prepared()
-    outcomes = _SPAWNS[world].outcomes()[name]
+    outcomes = _SPAWNS[spawn_world(world)].outcomes()[world, name]
     failed = [f"rank {rank}: {text}" for rank, (ok, text) in enumerate(outcomes) if not ok]
     if failed:  # every failing rank: the one that raised first may not be the first rank
         pytest.fail(f"case {name!r} at world {world}\n" + "\n".join(failed), pytrace=False)
@@ -88,14 +96,19 @@ def result(world: int, name: str) -> list:
 
 
 class Spawn:
-    """The ranks of one world size: started with the ready cases, sent the prepared ones later."""
+    """The ranks of one world size: started with the ready cases, sent the prepared ones later.
+    A case is keyed by its world size and name: the spawn also runs the cases of the sizes it hosts."""
 
     def __init__(self, world: int):
         self.world = world
-        self.names = list(_CASES[world])
-        self.results: dict[str, list] = {name: [None] * world for name in self.names}
+        self.cases = {
+            (case_world, name): case
+            for case_world, cases in _CASES.items() if spawn_world(case_world) == world
+            for name, case in cases.items()
+        }
+        self.results: dict[tuple[int, str], list] = {key: [None] * key[0] for key in self.cases}
         self.sent = self.done = False
-        ready = [(name, fn, args) for name, (fn, args, prepared) in _CASES[world].items() if prepared is None]
+        ready = [(key, fn, args) for key, (fn, args, prepared) in self.cases.items() if prepared is None]
         ctx = mp.get_context("spawn")
         self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
         port = free_port()
@@ -106,7 +119,7 @@ class Spawn:
         for p in self.procs:
             p.start()
 
-    def outcomes(self) -> dict[str, list]:
+    def outcomes(self) -> dict[tuple[int, str], list]:
         """Per case, per rank, (True, value) or (False, why); waits for the whole spawn the first time."""
         if not self.done:
             self.done = True
@@ -120,12 +133,12 @@ class Spawn:
             return
         self.sent = True
         cases = []
-        for name, (fn, args, prepared) in _CASES[self.world].items():
+        for key, (fn, args, prepared) in self.cases.items():
             if prepared is not None:
                 try:
-                    cases.append((name, fn, (*args, prepared())))
+                    cases.append((key, fn, (*args, prepared())))
                 except Exception:  # noqa: BLE001 - this case fails, the others run
-                    self.results[name] = [(False, f"preparing its arguments in the parent:\n{traceback.format_exc()}")] * self.world
+                    self.results[key] = [(False, f"preparing its arguments in the parent:\n{traceback.format_exc()}")] * key[0]
         for inbox in self.inboxes:
             inbox.put(cases)
 
@@ -134,13 +147,13 @@ class Spawn:
         try:
             while len(finished) < self.world and why is None:
                 try:
-                    rank, name, ok, payload, seconds = self.messages.get(timeout=1.0)
-                    if name is None:
+                    rank, key, ok, payload, seconds = self.messages.get(timeout=1.0)
+                    if key is None:
                         finished.add(rank)
                     else:
-                        self.results[name][rank] = (ok, torch.load(io.BytesIO(payload), weights_only=False) if ok else payload)
+                        self.results[key][rank] = (ok, torch.load(io.BytesIO(payload), weights_only=False) if ok else payload)
                         if rank == 0:
-                            SECONDS[self.world, name] = seconds
+                            SECONDS[key] = seconds
                 except queue.Empty:
                     dead = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0) and r not in finished]
                     if dead:
@@ -153,9 +166,9 @@ class Spawn:
                 if p.is_alive():
                     p.kill()
         for rank in range(self.world):  # the cases a dead or hung rank did not finish
-            unfinished = [name for name in self.names if self.results[name][rank] is None]
-            for name in unfinished:
-                self.results[name][rank] = (False, f"not finished: {why}; rank {rank} was running case {unfinished[0]!r}")
+            unfinished = [key for key in self.cases if rank < key[0] and self.results[key][rank] is None]
+            for key in unfinished:
+                self.results[key][rank] = (False, f"not finished: {why}; rank {rank} was running case {unfinished[0][1]!r}")
 
 
 def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -> None:
@@ -164,8 +177,12 @@ def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    for i, (name, fn, args) in enumerate(_cases(ready, inbox)):
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"case{i}", store), rank=rank, world_size=world, timeout=timeout)
+    for i, ((case_world, name), fn, args) in enumerate(_cases(ready, inbox)):
+        if rank >= case_world:  # a case of fewer ranks (HOSTED): this rank waits for the next one
+            continue
+        dist.init_process_group(
+            "gloo", store=dist.PrefixStore(f"case{i}", store), rank=rank, world_size=case_world, timeout=timeout
+        )
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             buffer = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the rank
@@ -177,7 +194,7 @@ def _rank_main(rank: int, world: int, port: int, ready: list, inbox, messages) -
             dist.destroy_process_group()
             torch._dynamo.reset()
             gc.collect()  # the case's meshes and their groups: each group's transport threads poll until freed
-        messages.put((rank, name, ok, payload, (time.perf_counter() - wall, time.process_time() - cpu)))
+        messages.put((rank, (case_world, name), ok, payload, (time.perf_counter() - wall, time.process_time() - cpu)))
     store.set(f"finished{rank}", "1")
     if rank == 0:  # rank 0 holds the store: it leaves last
         store.wait([f"finished{r}" for r in range(world)])

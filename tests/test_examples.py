@@ -1,10 +1,10 @@
 """Every example, with --tiny, on 2 CPU ranks: it must finish and save its output.
 
-Two run as scripts, one per way of launching: FLUX under torchrun (one process per rank), the
-plain DiT spawning its 2 ranks itself. The video pipelines, whose scripts are the same
-``common.main`` with another ``Example``, run that example's pipeline (``common.run_pipeline``,
-from the flags to the saved file) as cases of the world-2 spawn of tests/ranks.py: a script's
-three processes of start-up each were most of their time.
+The plain DiT, which spawns its 2 ranks itself, runs as a script; torchrun's way of launching (one
+process per rank) is the README's, whose examples run as scripts in tests/test_readme.py. The
+pipelines, whose scripts are the same ``common.main`` with another ``Example``, run that
+example's pipeline (``common.run_pipeline``, from the flags to the saved file) as cases of the
+world-2 spawn of tests/ranks.py: a script's three processes of start-up each were most of their time.
 """
 
 import contextlib
@@ -36,7 +36,7 @@ CASES = {
     "wan": (["--cache", "0.3"], "wan.gif", ("video", 9)),
     "plain_dit": (["--max-batch", "1"], "plain_dit.pt", ("latent", (1, 4, 10, 14))),
 }
-SCRIPTS = ("flux", "plain_dit")
+SCRIPTS = ("plain_dit",)
 ON_RANKS = [name for name in CASES if name not in SCRIPTS]
 
 
@@ -44,18 +44,16 @@ def flags(name, out):
     return ["--tiny", "--steps", "2", "--runs", "1", "--out", out, *CASES[name][0]]
 
 
-# The video pipelines on the ranks run the passes' graphs as they are: their numbers are checked
-# in tests/test_pipelines.py, and AOTAutograd (--tiny's default) by the scripts here, the README's
-# pipeline and the demo on FLUX, and by the GPU tier on every model.
+# The pipelines on the ranks run the passes' graphs as they are: their numbers are checked in
+# tests/test_pipelines.py, and AOTAutograd (--tiny's default) by the plain DiT's script here, the
+# README's pipeline (FLUX's tiny pipeline, as examples/flux.py --tiny runs it) and the demo on
+# FLUX, and by the GPU tier on every model.
 ON_RANKS_FLAGS = ["--compiler", "eager"]
 
 
 def command(name):
     """The script, saving into its working folder."""
-    script = [os.path.join(EXAMPLES, f"{name}.py"), *flags(name, CASES[name][1])]
-    if name == "flux":  # torchrun of this interpreter: a torchrun found on PATH may belong to another environment
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script]
-    return [sys.executable, *script]
+    return [sys.executable, os.path.join(EXAMPLES, f"{name}.py"), *flags(name, CASES[name][1])]
 
 
 for _name in SCRIPTS:

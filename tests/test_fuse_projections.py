@@ -74,7 +74,12 @@ def test_flux_fuses_each_blocks_projections_and_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=para_fx.backend(compiler="aot_eager", fuse_projections=True))
     torch.testing.assert_close(compiled(**kwargs)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_off_by_default():
+    """On the small model whose projections fuse (test_projections_of_one_activation_fuse_by_bias_and_others_stay)."""
     torch._dynamo.reset()
-    with recording() as unfused:  # off by default
-        torch.compile(model, backend=para_fx.backend(compiler="eager"))(**kwargs)
+    with recording() as unfused:
+        torch.compile(Projections(), backend=para_fx.backend(compiler="eager"))(torch.randn(5, 8), torch.randn(5, 8))
+    torch._dynamo.reset()
     assert unfused.graph_count == 1 and unfused.fused_projections == []
