@@ -13,7 +13,8 @@ mesh = para_fx.init_mesh(device_type=device.type)
 model = digits.load().to(device)                   # velocity = model(x [B, 1, 16, 16], t [B], labels [B])
 
 cache = para_fx.FirstBlockCache(threshold=0.08)    # warmup_steps=0, max_consecutive_skips=None, compute_first=1, compute_last=0
-model = torch.compile(model, backend=para_fx.backend(mesh=mesh, cache=cache))
+compiler = "inductor" if device.type == "cuda" else "aot_eager"  # CPU: a check, no C++ builds of Inductor
+model = torch.compile(model, backend=para_fx.backend(mesh=mesh, cache=cache, compiler=compiler))
 labels = torch.arange(10, device=device)
 x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)  # noise at t = 1
 steps = 28
