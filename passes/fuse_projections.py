@@ -24,11 +24,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .linear import linear_operands
 from .shard_rules import family
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-_TRANSPOSES = (aten.t.default, aten.permute.default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,21 +106,12 @@ def _call(graph: fx.Graph, target, args: tuple) -> fx.Node:
 
 def _projection(node: fx.Node, position: dict[fx.Node, int], inputs: Sequence[Any]):
     """``(activation key, weight input, bias input or None)`` for ``x @ W.t() (+ b)`` with W, b graph inputs."""
-    if node.op != "call_function":
+    operands = linear_operands(node)
+    if operands is None:
         return None
-    if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
-        bias, mat1, mat2 = node.args
-        if bias not in position or inputs[position[bias]].dim() != 1:
-            return None
-    elif node.target is aten.mm.default and not node.kwargs:
-        bias, (mat1, mat2) = None, node.args
-    else:
+    bias, mat1, weight = operands
+    if bias is not None and (bias not in position or inputs[position[bias]].dim() != 1):
         return None
-    if not (isinstance(mat2, fx.Node) and mat2.target in _TRANSPOSES and len(mat2.users) == 1):
-        return None
-    if mat2.target is aten.permute.default and list(mat2.args[1]) != [1, 0]:
-        return None
-    weight = mat2.args[0]
     if weight not in position or not isinstance(inputs[position[weight]], torch.Tensor):
         return None
     if type(inputs[position[weight]]) not in (torch.Tensor, torch.nn.Parameter):

@@ -23,6 +23,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .linear import linear_operands
 from .shard_rules import Group
 
 aten = torch.ops.aten
@@ -30,7 +31,6 @@ c10d = torch.ops._c10d_functional
 
 MAX_ROWS = 16  # a vector per sample: the batch, never the tokens
 MIN_BYTES = 256 * 2**20  # weights read per step below which one more collective is not worth it
-_TRANSPOSES = (aten.t.default, aten.permute.default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,21 +108,12 @@ class _Member:
 
 
 def _member(node: fx.Node, parts: int, is_replicated) -> _Member | None:
-    if node.op != "call_function" or node.kwargs:
+    operands = linear_operands(node)
+    if operands is None:
         return None
-    if node.target is aten.addmm.default and len(node.args) == 3:
-        bias, activation, transposed = node.args
-        if not (isinstance(bias, fx.Node) and bias.op == "placeholder" and len(_val(bias).shape) == 1):
-            return None
-    elif node.target is aten.mm.default:
-        bias, (activation, transposed) = None, node.args
-    else:
+    bias, activation, weight = operands
+    if bias is not None and not (bias.op == "placeholder" and len(_val(bias).shape) == 1):
         return None
-    if not (isinstance(transposed, fx.Node) and transposed.target in _TRANSPOSES and len(transposed.users) == 1):
-        return None
-    if transposed.target is aten.permute.default and list(transposed.args[1]) != [1, 0]:
-        return None
-    weight = transposed.args[0]
     value = _val(weight)
     if weight.op != "placeholder" or type(value) is not torch._subclasses.FakeTensor or value.dim() != 2:
         return None  # a quantized weight (a tensor subclass) keeps its own kernel
