@@ -18,13 +18,15 @@ sequence shard pass, with its group.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 import torch.fx as fx
 
+from para_fx.core.capture import propagate
+from para_fx.inspect.dump import is_collective
+
 from .linear import linear_operands
-from .shard_rules import Group
+from .shard_rules import Group, val
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -55,8 +57,8 @@ def split_vector_matmuls(gm: fx.GraphModule, group: Group, min_bytes: int | None
     behind_others = set().union(*cones.values()) if cones else set()
     members = [m for m in candidates if m.node not in behind_others]
     if members:  # one gathered tensor: the same rows and dtype
-        first = _val(members[0].node)
-        members = [m for m in members if (m.rows, _val(m.node).dtype) == (first.shape[0], first.dtype)]
+        first = val(members[0].node)
+        members = [m for m in members if (m.rows, val(m.node).dtype) == (first.shape[0], first.dtype)]
     weight_bytes = sum(m.weight_bytes for m in members)
     if not members or weight_bytes < min_bytes:
         return None
@@ -112,12 +114,12 @@ def _member(node: fx.Node, parts: int, is_replicated) -> _Member | None:
     if operands is None:
         return None
     bias, activation, weight = operands
-    if bias is not None and not (bias.op == "placeholder" and len(_val(bias).shape) == 1):
+    if bias is not None and not (bias.op == "placeholder" and len(val(bias).shape) == 1):
         return None
-    value = _val(weight)
+    value = val(weight)
     if weight.op != "placeholder" or type(value) is not torch._subclasses.FakeTensor or value.dim() != 2:
         return None  # a quantized weight (a tensor subclass) keeps its own kernel
-    rows, columns = _val(node).shape
+    rows, columns = val(node).shape
     if rows > MAX_ROWS or columns % parts or not is_replicated(activation):
         return None
     return _Member(node, bias, activation, weight, rows, columns, value.numel() * value.element_size())
@@ -134,7 +136,7 @@ class _Replicated:
         if node not in self.known:
             if node.op == "placeholder":
                 self.known[node] = True
-            elif node.op != "call_function" or _is_collective(node) or _placement(node) != "R":
+            elif node.op != "call_function" or is_collective(node) or _placement(node) != "R":
                 self.known[node] = False
             else:
                 self.known[node] = all(self(a) for a in node.all_input_nodes)
@@ -165,21 +167,12 @@ def _local_matmul(graph: fx.Graph, m: _Member, group: Group) -> fx.Node:
 
 
 def _call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
-    """A node with its fake value computed from its arguments', as later passes read it."""
+    """A node with its fake value, as later passes read it; replicated, as the shard pass marks it."""
     node = graph.call_function(target, args, kwargs or {})
-    values, kw = fx.node.map_arg((args, kwargs or {}), _val)
-    node.meta["val"] = target(*values, **kw)
+    propagate(node)
     node.meta["custom"] = {"para_placement": "R"}
     return node
 
 
-def _val(node: fx.Node):
-    return node.meta["val"]
-
-
 def _placement(node: fx.Node) -> str | None:
     return (node.meta.get("custom") or {}).get("para_placement")
-
-
-def _is_collective(node: fx.Node) -> bool:
-    return getattr(node.target, "namespace", None) in ("_c10d_functional", "c10d_functional")

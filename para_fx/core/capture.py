@@ -100,7 +100,7 @@ def inline_helpers(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Grap
                 env[node] = _run_op(graph, node, env)
             elif node.target is operator.getitem or isinstance(node.target, torch._ops.HigherOrderOperator):
                 env[node] = graph.node_copy(node, env.__getitem__)  # flex attention: kept, its subgraphs too
-                _propagate(env[node])
+                propagate(env[node])
             elif node.op == "call_function":
                 env[node] = _inline(graph, node, env, traces)
             else:  # a constant the capture kept as an attribute
@@ -119,7 +119,7 @@ def _same_fake(fake: Any, value: Any, mode: FakeTensorMode) -> bool:
     )
 
 
-def _propagate(node: fx.Node) -> None:
+def propagate(node: fx.Node) -> None:
     """Give ``node`` its fake value: its op run on its arguments' values (for ``getitem``, an item
     of its argument's)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
@@ -143,7 +143,7 @@ def _run_op(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
     args, kwargs = fx.node.map_arg(_dispatcher_form(node.target, node.args, node.kwargs), env.__getitem__)
     new = graph.create_node("call_function", node.target, args, kwargs, name=node.target.overloadpacket.__name__)
     new.meta = dict(node.meta)
-    _propagate(new)
+    propagate(new)
     return new
 
 
@@ -199,7 +199,7 @@ def _inline(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any], traces: dic
         if op.op == "call_function":
             inner[op] = new = graph.node_copy(op, inner.__getitem__)
             new.meta = dict(meta)
-            _propagate(new)
+            propagate(new)
     raise AssertionError("a traced graph ends in its output")
 
 
@@ -291,7 +291,7 @@ def _write_into_view_as_scatter(gm: fx.GraphModule, write: fx.Node, order: dict,
         new = graph.create_node("call_function", op, args, kwargs or {}, name=op.overloadpacket.__name__)
         new.meta = {k: write.meta[k] for k in _CALL_META if k in write.meta}
         with fake_mode:
-            _propagate(new)
+            propagate(new)
         return new
 
     with graph.inserting_before(write.next):
