@@ -482,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="add a kernel profile of compiled rows (CUDA)")
     parser.add_argument("--inductor-config", action="append", default=[], metavar="NAME=VALUE",
                         help="an Inductor config value for every compile of the run (repeatable), e.g. cpp_wrapper=True")
+    parser.add_argument("--dynamo-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="a Dynamo config value for every compile of the run (repeatable), "
+                             "e.g. use_recursive_dict_tags_for_guards=True")
     parser.add_argument("--skip-module-guards", action="store_true",
                         help="para and para_cache compiled without Dynamo's guards on modules and parameters")
     parser.add_argument("--ab-rounds", type=int, default=6, help="alternating rounds of ab_para_inductor")
@@ -530,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.skip_module_guards:
         b.results.put(None, "guard_filter", "skip_guard_on_all_nn_modules_unsafe (para rows)")
-    for setting in args.inductor_config:
-        name, value = setting.split("=", 1)
-        setattr(torch._inductor.config, name, ast.literal_eval(value))
-        b.results.put("inductor_config", name, value)
+    for key, config, settings in (("inductor_config", torch._inductor.config, args.inductor_config),
+                                  ("dynamo_config", torch._dynamo.config, args.dynamo_config)):
+        for setting in settings:
+            name, value = setting.split("=", 1)
+            setattr(config, name, ast.literal_eval(value))
+            b.results.put(key, name, value)
     command = "python bench/flux_1gpu.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     b.results.append("commands", command.strip())
     for note in args.note:

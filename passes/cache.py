@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import operator
 from typing import Callable, Sequence
 
@@ -53,8 +54,9 @@ class CacheStep:
     """One call's extra outputs, by name."""
 
     outputs: tuple  # the model's own outputs
-    prefix: list  # this step's prefix residuals (the next step's prefix state, if computed)
+    prefix: list  # the prefix residuals to compare the next step with: this step's if computed, else the stored
     region: list  # the cached blocks' residuals (the next step's region state)
+    consecutive: object  # skips in a row up to this step (the next step's count)
     diff: object  # relative L1 change of the prefix residual, agreed by every rank
     skipped: object  # whether the cond skipped the cached blocks, agreed by every rank
 
@@ -63,9 +65,12 @@ class CacheStep:
 class CacheLayout:
     """The cache graph's signature, the one place that orders its extra inputs and outputs::
 
-        inputs:  *user_inputs, *prefix_state, *region_state, allow_skip, threshold
-        outputs: *user_outputs, *prefix_residuals, *region_residuals, diff, skipped
+        inputs:  *user_inputs, *prefix_state, *region_state, consecutive_skips, allow_skip, threshold, max_skips
+        outputs: *user_outputs, *prefix_state, *region_state, consecutive_skips, diff, skipped
 
+    The state (the prefix residual to compare with, the cached blocks' residual, the count of
+    skips in a row) goes out as the next call's state: the graph itself keeps the stored prefix
+    on a skip and counts the skips, so the runtime never reads a decision back to the host.
     The pass emits the graph through it and the runtime calls the graph through it.
     """
 
@@ -73,25 +78,33 @@ class CacheLayout:
     prefix_state: tuple[StateSpec, ...]
     region_state: tuple[StateSpec, ...]
 
-    def inputs(self, user: Sequence, prefix: Sequence, region: Sequence, allow, threshold) -> list:
-        return [*user, *prefix, *region, allow, threshold]
+    def inputs(self, user: Sequence, prefix: Sequence, region: Sequence, consecutive, allow, threshold, max_skips) -> list:
+        return [*user, *prefix, *region, consecutive, allow, threshold, max_skips]
 
-    def outputs(self, user: Sequence, prefix: Sequence, region: Sequence, diff, skipped) -> tuple:
-        return (*user, *prefix, *region, diff, skipped)
+    def outputs(self, user: Sequence, prefix: Sequence, region: Sequence, consecutive, diff, skipped) -> tuple:
+        return (*user, *prefix, *region, consecutive, diff, skipped)
 
     def split(self, outs: Sequence) -> CacheStep:
         n, k, m = self.user_outputs, len(self.prefix_state), len(self.region_state)
-        return CacheStep(tuple(outs[:n]), list(outs[n : n + k]), list(outs[n + k : n + k + m]), outs[-2], outs[-1])
+        return CacheStep(
+            tuple(outs[:n]), list(outs[n : n + k]), list(outs[n + k : n + k + m]), outs[-3], outs[-2], outs[-1]
+        )
+
+    def scalar(self, value: float | bool) -> torch.Tensor:
+        """A scalar input (the skip count, a flag or a limit) on the state's device."""
+        dtype = torch.bool if isinstance(value, bool) else torch.float32
+        return torch.tensor(value, dtype=dtype, device=self.prefix_state[0].device)
 
     def example_inputs(self, user: Sequence) -> list:
         """Inputs to trace the cache graph with: empty state, skipping not allowed."""
-        device = self.prefix_state[0].device
         return self.inputs(
             user,
             [spec.zeros() for spec in self.prefix_state],
             [spec.zeros() for spec in self.region_state],
-            torch.tensor(False, device=device),
-            torch.tensor(0.0, device=device),
+            self.scalar(0.0),
+            self.scalar(False),
+            self.scalar(0.0),
+            self.scalar(math.inf),
         )
 
 
@@ -272,26 +285,24 @@ def _rewrite(gm, split: _Split, region_pairs, prefix_pairs, groups):
         region_state=tuple(spec(out) for _, out in region_pairs),
     )
 
-    prefix_state, region_state = [], []
-    allow = threshold = None
+    prefix_state, region_state, scalars = [], [], []
     for i, node in enumerate(old_nodes):
         if node is split.insert_before:
-            region_outs, region_residuals, prefix_residuals, diff, skipped = _emit_cond(
-                graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, allow, threshold, groups
+            region_outs, region_residuals, prefix_kept, consecutive, diff, skipped = _emit_cond(
+                graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, scalars, groups
             )
             env.update(zip(split.outputs, region_outs))
         if node in region:
             continue
         if node.op == "output":
             user_values = fx.map_arg(user, env.__getitem__)
-            graph.output(layout.outputs(user_values, prefix_residuals, region_residuals, diff, skipped))
+            graph.output(layout.outputs(user_values, prefix_kept, region_residuals, consecutive, diff, skipped))
             continue
         env[node] = graph.node_copy(node, env.__getitem__)
         if i == last_placeholder:  # the extra inputs follow the user's, in the layout's order
             prefix_state = [_placeholder(graph, f"cache_prefix_{k}", out) for k, (_, out) in enumerate(prefix_pairs)]
             region_state = [_placeholder(graph, f"cache_region_{k}", out) for k, (_, out) in enumerate(region_pairs)]
-            allow = graph.placeholder("cache_allow_skip")
-            threshold = graph.placeholder("cache_threshold")
+            scalars = [graph.placeholder(f"cache_{name}") for name in ("consecutive_skips", "allow_skip", "threshold", "max_skips")]
 
     return fx.GraphModule(gm, graph), layout
 
@@ -303,16 +314,16 @@ def _placeholder(graph: fx.Graph, name: str, like: fx.Node) -> fx.Node:
     return node
 
 
-def _emit_cond(graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, allow, threshold, groups):
+def _emit_cond(graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, region_state, scalars, groups):
     """The decision and the cond, in the main graph; returns the new nodes for what they replace."""
     prefix_ins = [env[src] if src is not None else None for src, _ in prefix_pairs]
     prefix_outs = [env[out] for _, out in prefix_pairs]
-    decision = graph.call_function(
-        decide, (prefix_outs, prefix_ins, list(prefix_state), allow, threshold, list(groups))
+    decision = graph.call_function(decide, (prefix_outs, prefix_ins, list(prefix_state), *scalars, list(groups)))
+    k = len(prefix_pairs)
+    prefix_kept, (consecutive, diff, skipped) = (
+        [graph.call_function(operator.getitem, (decision, i)) for i in range(k)],
+        [graph.call_function(operator.getitem, (decision, k + i)) for i in range(3)],
     )
-    prefix_residuals = [graph.call_function(operator.getitem, (decision, k)) for k in range(len(prefix_pairs))]
-    diff = graph.call_function(operator.getitem, (decision, len(prefix_pairs)))
-    skipped = graph.call_function(operator.getitem, (decision, len(prefix_pairs) + 1))
 
     operands = [_fixed_layout(graph, env[n], n) for n in split.inputs] + list(region_state)
     gm.cache_skip = _branch(split, region_pairs, compute=False)
@@ -321,7 +332,7 @@ def _emit_cond(graph, gm, env, split, region_pairs, prefix_pairs, prefix_state, 
     compute_fn = graph.get_attr("cache_compute")
     cond = graph.call_function(torch.ops.higher_order.cond, (skipped, skip_fn, compute_fn, tuple(operands)))
     results = [graph.call_function(operator.getitem, (cond, k)) for k in range(2 * len(region_pairs))]
-    return results[: len(region_pairs)], results[len(region_pairs) :], prefix_residuals, diff, skipped
+    return results[: len(region_pairs)], results[len(region_pairs) :], prefix_kept, consecutive, diff, skipped
 
 
 def _branch(split: _Split, region_pairs, compute: bool) -> fx.GraphModule:
@@ -386,12 +397,15 @@ def _contiguous_strides(shape) -> list[int]:
     return strides
 
 
-def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
-    """This step's prefix residuals, the relative L1 change, and whether to skip: one answer on every rank.
+def decide(prefix_outs, prefix_ins, previous, consecutive, allow, threshold, max_skips, groups):
+    """Whether to skip, one answer on every rank, and the state the next step compares with.
 
     The change is summed over every group, and so is the decision: a step is skipped only where
-    every rank may skip it and sees a change below its threshold, so ranks whose host state
-    differs still take the same branch.
+    every rank may skip it (``allow``: the runtime's warmup and threshold; fewer than
+    ``max_skips`` skips in a row), and sees a relative L1 change below ``threshold``, so ranks
+    whose host state differs still take the same branch. Returns the prefix residuals to keep
+    (a skip keeps comparing against the last computed step's), the new count of skips in a row,
+    the change and the decision: all on the device, so nothing here waits for the GPU.
     """
     # contiguous: the residuals come back as the next step's state inputs, whose strides must not vary
     residuals = [(out - src if src is not None else out).contiguous() for out, src in zip(prefix_outs, prefix_ins)]
@@ -401,7 +415,9 @@ def decide(prefix_outs, prefix_ins, previous, allow, threshold, groups):
     for group in groups:
         sums = funcol.all_reduce(sums, "sum", group)
     diff = sums[0] / sums[1]
-    skip = torch.logical_and(allow, diff < threshold).float()
+    skip = (allow & (diff < threshold) & (consecutive < max_skips)).float()
     for group in groups:
         skip = funcol.all_reduce(skip, "min", group)
-    return (*residuals, diff, skip > 0)
+    skipped = skip > 0
+    kept = [torch.where(skipped, p, r) for r, p in zip(residuals, previous)]
+    return (*kept, torch.where(skipped, consecutive + 1, 0.0), diff, skipped)

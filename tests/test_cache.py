@@ -137,6 +137,35 @@ def test_warmup_and_consecutive_skip_cap(settings, pattern):
     assert len(stats.diffs) == 4
 
 
+def test_a_call_reads_back_only_the_conds_predicate():
+    """The skip count, the kept prefix and the statistics stay on the device: a step waits for the
+    GPU once (the cond's branch), and the counts are read when asked for."""
+    model, kwargs = dits.patch_dit()
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9, max_consecutive_skips=2))
+    host_reads = []
+    with para_fx.cache_session(fn), torch.no_grad():
+        for step in range(5):
+            with torch.profiler.profile() as prof:
+                fn(**at_step(kwargs, step))
+            host_reads.append(sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense"))
+    stats = para_fx.cache_stats(fn)
+    assert host_reads == [1] * 5
+    assert (stats.steps, stats.computed, stats.skipped, len(stats.diffs)) == (5, 2, 3, 4)  # CSSCS
+
+
+def test_counts_read_along_the_way_add_up(monkeypatch):
+    """A long run outside a session reads its counts every so many calls (bounded memory); the
+    totals are the same as read once."""
+    monkeypatch.setattr(para_fx.runtime.cache, "_READ_EVERY", 2)
+    model, kwargs = dits.patch_dit()
+    fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9, max_consecutive_skips=2))
+    with para_fx.cache_session(fn), torch.no_grad():
+        for step in range(5):
+            fn(**at_step(kwargs, step))
+    stats = para_fx.cache_stats(fn)
+    assert (stats.steps, stats.computed, stats.skipped, len(stats.diffs)) == (5, 2, 3, 4)
+
+
 def test_a_session_starts_fresh_and_reports_itself():
     model, kwargs = dits.patch_dit()
     fn = compiled(model, para_fx.FirstBlockCache(threshold=1e9))

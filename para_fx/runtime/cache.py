@@ -1,9 +1,11 @@
 """First Block Cache at step time: the state of every model that uses one set of settings.
 
 The graph (see :mod:`para_fx.passes.cache`) decides each step whether to skip, one decision
-agreed by every rank; this module says whether this rank *allows* skipping (warmup, the cap on
-consecutive skips, threshold 0), keeps the state of every model instance and call context
-between steps, and counts what happened. The settings are :mod:`para_fx.core.cache`'s.
+agreed by every rank, and counts the skips in a row; this module says whether this rank *allows*
+skipping (warmup, threshold 0) and passes the cap on skips in a row, keeps the state of every
+model instance and call context between steps, and counts what happened. A step never waits for
+the GPU here: the decisions and changes stay on the device until :func:`cache_stats` (or the end
+of a session) reads them. The settings are :mod:`para_fx.core.cache`'s.
 
     cache = para_fx.FirstBlockCache(threshold=0.08)
     model = torch.compile(model, backend=para_fx.backend(cache=cache))
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -51,19 +54,44 @@ class CacheStats:
 
 @dataclasses.dataclass
 class _ContextState:
-    prefix: list[torch.Tensor] | None = None  # the prefix residual of the last computed step
+    prefix: list[torch.Tensor] | None = None  # the prefix residual to compare the next step with
     region: list[torch.Tensor] | None = None  # the skipped blocks' residual of the last computed step
+    consecutive: torch.Tensor | None = None  # skips in a row, counted by the graph
     steps: int = 0
-    consecutive_skips: int = 0
 
     def may_skip(self, cache: FirstBlockCache) -> bool:
-        """Whether this rank lets the graph skip this context's next step (the graph asks every rank)."""
-        return (
-            self.prefix is not None
-            and self.steps >= cache.warmup_steps
-            and cache.threshold > 0
-            and (cache.max_consecutive_skips is None or self.consecutive_skips < cache.max_consecutive_skips)
-        )
+        """Whether this rank lets the graph skip this context's next step (the graph asks every
+        rank, and checks the cap on skips in a row itself)."""
+        return self.prefix is not None and self.steps >= cache.warmup_steps and cache.threshold > 0
+
+
+_READ_EVERY = 1024  # calls a tally keeps on the device before it reads them
+
+
+@dataclasses.dataclass
+class _Tally:
+    """One owner's calls: counted on the host up to the last read, the newer ones still on the device."""
+
+    counted: CacheStats = dataclasses.field(default_factory=CacheStats)
+    skipped: list[torch.Tensor] = dataclasses.field(default_factory=list)  # one bool per call not yet read
+    diffs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def add(self, skipped: torch.Tensor, diff: torch.Tensor | None) -> None:
+        self.skipped.append(skipped)
+        if diff is not None:
+            self.diffs.append(diff)
+        if len(self.skipped) >= _READ_EVERY:  # a long run outside any session: bounded memory
+            self.read()
+
+    def read(self) -> CacheStats:
+        """The counts so far (one wait for the GPU if calls are pending)."""
+        if self.skipped:
+            skipped = int(torch.stack(self.skipped).sum())
+            steps = len(self.skipped)
+            diffs = torch.stack(self.diffs).tolist() if self.diffs else []
+            self.counted = self.counted + CacheStats(steps, steps - skipped, skipped, diffs)
+            self.skipped, self.diffs = [], []
+        return self.counted
 
 
 Owners = frozenset  # the ids of one model's parameters; None: every model using the cache
@@ -79,7 +107,7 @@ class CacheRuntime:
 
     def __init__(self):
         self.states: dict[tuple[int | None, str, int], _ContextState] = {}  # (owner, context, graph)
-        self.counts: dict[int | None, CacheStats] = {}  # running counts per owner
+        self.counts: dict[int | None, _Tally] = {}  # running counts per owner
         self.sessions: dict[Owners | None, CacheStats] = {}  # the last finished session's, per model
         self.contexts: dict[Owners | None, str] = {None: "default"}  # the context each model calls in
         self.model_of: dict[int, Owners] = {}  # owner token -> the model that named a context
@@ -89,15 +117,9 @@ class CacheRuntime:
         context = self.contexts.get(model, self.contexts[None])
         return self.states.setdefault((owner, context, graph), _ContextState())
 
-    def record(self, owner: int | None, state: _ContextState, diff: float | None, skipped: bool) -> None:
+    def record(self, owner: int | None, state: _ContextState, diff: torch.Tensor | None, skipped: torch.Tensor) -> None:
         state.steps += 1
-        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
-        counts = self.counts.setdefault(owner, CacheStats())
-        counts.steps += 1
-        counts.skipped += skipped
-        counts.computed += not skipped
-        if diff is not None:
-            counts.diffs.append(diff)
+        self.counts.setdefault(owner, _Tally()).add(skipped, diff)
 
     def reset(self, model: Owners | None) -> None:
         """Forget ``model``'s state and counts (every model's for None); graphs with no parameter
@@ -108,7 +130,7 @@ class CacheRuntime:
         self.sessions.pop(model, None)
 
     def running(self, model: Owners | None) -> CacheStats:
-        mine = [counts for owner, counts in self.counts.items() if model is None or owner is None or owner in model]
+        mine = [tally.read() for owner, tally in self.counts.items() if model is None or owner is None or owner in model]
         return sum(mine, CacheStats())
 
     def name_context(self, model: Owners | None, name: str | None) -> str | None:
@@ -145,34 +167,31 @@ class CachedGraph:
         self.layout = layout
         self.cache = cache
         self.owner_input = owner_input
-        self._scalars: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scalars: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def _flags(self, allow: bool, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (allow_skip, threshold) inputs, made once per value: no host-to-device copy per step."""
-        key = (allow, threshold)
+    def _settings(self, allow: bool) -> tuple[torch.Tensor, ...]:
+        """The (allow_skip, threshold, max_skips) inputs, made once per value: no host-to-device
+        copy per step."""
+        cache = self.cache
+        cap = math.inf if cache.max_consecutive_skips is None else float(cache.max_consecutive_skips)
+        key = (allow, cache.threshold, cap)
         if key not in self._scalars:
-            device = self.layout.prefix_state[0].device
-            self._scalars[key] = (
-                torch.tensor(allow, device=device),
-                torch.tensor(threshold, dtype=torch.float32, device=device),
-            )
+            self._scalars[key] = tuple(self.layout.scalar(value) for value in key)
         return self._scalars[key]
 
     def __call__(self, *args: Any) -> Any:
-        cache, layout, runtime = self.cache, self.layout, runtime_of(self.cache)
+        layout, runtime = self.layout, runtime_of(self.cache)
         owner = None if self.owner_input is None else id(args[self.owner_input])
         state = runtime.state(owner, id(self))
         prefix = state.prefix or [spec.zeros() for spec in layout.prefix_state]
         region = state.region or [spec.zeros() for spec in layout.region_state]
-        flags = self._flags(state.may_skip(cache), cache.threshold)
+        consecutive = layout.scalar(0.0) if state.consecutive is None else state.consecutive
+        settings = self._settings(state.may_skip(self.cache))
         with torch.no_grad():  # inference only: the stored residuals must not keep an autograd graph alive
-            step = layout.split(self.compiled(*layout.inputs(args, prefix, region, *flags)))
-        skipped = bool(step.skipped)
-        diff = float(step.diff) if state.prefix is not None else None
-        if not skipped:  # a skip keeps comparing against the last computed step
-            state.prefix = step.prefix
-        state.region = step.region
-        runtime.record(owner, state, diff, skipped)
+            step = layout.split(self.compiled(*layout.inputs(args, prefix, region, consecutive, *settings)))
+        compared = state.prefix is not None
+        state.prefix, state.region, state.consecutive = step.prefix, step.region, step.consecutive
+        runtime.record(owner, state, step.diff if compared else None, step.skipped)
         return step.outputs
 
 
