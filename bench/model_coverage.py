@@ -4,6 +4,7 @@ with their tiny configurations and dummy inputs, through ``para_fx.explain`` on 
     git clone --depth 1 https://github.com/huggingface/diffusers /tmp/diffusers   # for its tests/
     pip install accelerate parameterized                                          # what those tests import
     python bench/model_coverage.py /tmp/diffusers [--world 2] [--batches 1,2] [--only flux,wan]
+    python bench/model_coverage.py /tmp/diffusers --device cuda --dtype bfloat16 --out OUT.json   # the GPU's graph
 
 Each model is first made traceable as ``parallelize_pipe`` does it. Per model and batch size it records the attention sites by strategy (ulysses / ring / hybrid split
 the tokens; local attends replicated keys, such as text, without communication; replicated and batch
@@ -73,12 +74,16 @@ def inputs_for(config, batch: int) -> dict:
     return config.get_dummy_inputs(batch_size=batch)
 
 
-def examine(config, batch: int, world: int) -> dict:
-    """One model at one batch size: what explain reports on rank 0 of the simulated mesh."""
+def examine(config, batch: int, world: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One model at one batch size: what explain reports on rank 0 of the simulated mesh.
+
+    On CUDA the captured graph is not the CPU's (fused RMSNorm, the attention kernels SDPA picks
+    for half precision), so ``--device cuda --dtype bfloat16`` checks what GPUs will run.
+    """
     torch.manual_seed(0)
-    model = config.model_class(**config.get_init_dict()).eval()
+    model = config.model_class(**config.get_init_dict()).eval().to(device, dtype)
     patched = make_traceable(model)  # what parallelize_pipe does first: known graph breaks removed
-    kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs_for(config, batch).items()}
+    kwargs = {k: _on(v, device, dtype) for k, v in inputs_for(config, batch).items()}
     torch._dynamo.reset()
     try:
         report = para_fx.explain(model, kwargs=kwargs, world_size=world)
@@ -98,6 +103,13 @@ def examine(config, batch: int, world: int) -> dict:
         "fallbacks_in_blocks": len(in_blocks),
         "first_fallback": f"{in_blocks[0].op}: {in_blocks[0].reason} ({_short(in_blocks[0].source)})" if in_blocks else "",
     }
+
+
+def _on(value, device: torch.device, dtype: torch.dtype):
+    """A dummy input on ``device``, floating-point tensors in ``dtype``."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def _short(source: str) -> str:
@@ -151,6 +163,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--only", default="", help="comma-separated substrings of test module names")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "model_coverage.json"))
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: the graph GPUs capture)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--table", action="store_true", help="print the README table from --out and stop")
     args = parser.parse_args()
     if args.table:
@@ -161,7 +175,10 @@ def main() -> int:
         parser.error("give a diffusers checkout")
     import diffusers
 
-    results = {"diffusers": diffusers.__version__, "torch": torch.__version__, "world": args.world, "models": {}}
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    results = {"diffusers": diffusers.__version__, "torch": torch.__version__, "world": args.world,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
+               "models": {}}
     only = [s for s in args.only.split(",") if s]
     if only and os.path.exists(args.out):  # a partial run updates the models it runs
         with open(args.out) as f:
@@ -175,7 +192,7 @@ def main() -> int:
                 per_batch[str(batch)] = {"error": f"test module not importable: {type(config).__name__}: {config}"[:300]}
                 continue
             try:
-                per_batch[str(batch)] = examine(config, batch, args.world)
+                per_batch[str(batch)] = examine(config, batch, args.world, device, dtype)
             except InputsNotRunnable as reason:
                 per_batch[str(batch)] = {"class": config.model_class.__name__, "not_run": str(reason)}
             except Exception as error:

@@ -34,6 +34,7 @@ from .shard_rules import Call, Decision, Group, decide, family, replicated, resh
 
 aten = torch.ops.aten
 
+
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
     """Which group to split and which attention dim drives it: 2 (sequence) or 0 (batch)."""
@@ -285,7 +286,30 @@ def report_plan(gm: fx.GraphModule, p: Plan, report: Report) -> dict[fx.Node, in
                 module=module_path(node), strategy=site.strategy, local_query_len=site.local_query_len,
                 global_query_len=site.global_query_len, placements=site.placements,
             ))
+    if not p.sites:
+        note = _unsplit_attention_note(gm)
+        if note:
+            report.notes.append(note)
     return indices
+
+
+_SOFTMAXES = (aten._softmax.default, aten._safe_softmax.default)
+
+
+def _unsplit_attention_note(gm: fx.GraphModule) -> str | None:
+    """Why nothing is split in a graph that computes attention as matmuls and a softmax: the split
+    starts at attention ops, and SDPA's math path reaches the capture already decomposed."""
+    if any(family(node.target) == "attention" for node in gm.graph.nodes):
+        return None
+    softmax = next((node for node in gm.graph.nodes if node.target in _SOFTMAXES), None)
+    if softmax is None:
+        return None
+    return (
+        f"nothing split: no attention op in this graph, but a softmax at {source_line(softmax)}. An attention "
+        "computed as matmuls and a softmax is not split: a hand-written one, or SDPA's math path, which it takes "
+        "where no fused kernel fits (on CUDA, for example, a head dimension that is not a multiple of 8); "
+        "the tokens stay whole on every rank"
+    )
 
 
 # --- emit --------------------------------------------------------------------------------------

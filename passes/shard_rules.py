@@ -604,7 +604,7 @@ def group_norm(call: Call, pl) -> Decision:
     return keep(call, pl, call["input"], [p, p, p])
 
 
-@rule(aten._softmax.default, aten._log_softmax.default, family="reduction")
+@rule(aten._softmax.default, aten._safe_softmax.default, aten._log_softmax.default, family="reduction")
 def softmax(call: Call, pl) -> Decision:
     p = sharded_input(call, pl)
     if p is None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry
 
 from . import dump
 from .html import render_report
@@ -506,11 +507,18 @@ def graph_flops(gm: fx.GraphModule) -> int:
     return total
 
 
+def attention_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int]) -> int:
+    """Scores and weighted sum, 2 FLOPs per multiply-add; grouped-query keys count once per query
+    head (torch 2.11's own formula rejects them)."""
+    *batch, query_len, head_dim = query
+    return 2 * math.prod(batch) * query_len * key[-2] * (head_dim + value[-1])
+
+
 def node_flops(node: fx.Node) -> int:
     packet = getattr(node.target, "overloadpacket", None)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
     if family(node.target) == "attention":  # every SDPA kernel op: query, key, value come first
-        return int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+        return attention_flops(args[0].shape, args[1].shape, args[2].shape)
     formula = flop_registry.get(packet)
     if formula is None:
         return 0
