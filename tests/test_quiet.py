@@ -2,7 +2,6 @@
 
 import os
 import re
-import subprocess
 import sys
 import warnings
 
@@ -37,21 +36,8 @@ def test_gather_warns_nothing_eagerly_or_traced():
     assert "_c10d_functional.wait_tensor.default" in ops
 
 
-def test_the_backend_does_not_import_torchao():
-    code = (
-        "import sys, torch, para_fx\n"
-        "from para_fx.testing.dits import patch_dit\n"
-        "model, kwargs = patch_dit()\n"
-        "cache = para_fx.FirstBlockCache(0.08)\n"
-        "with torch.no_grad():\n"
-        "    torch.compile(model, backend=para_fx.backend(cache=cache, compiler='eager'))(**kwargs)\n"
-        "    para_fx.explain(model, kwargs=kwargs, world_size=2)\n"
-        "print('torchao imported' if 'torchao' in sys.modules else 'no torchao')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("no torchao"), result.stdout[-3000:]
+# That the backend, the cache and explain import no torchao is checked in the fresh process of
+# tests/test_backend.py's entry-point test (one start of Python and torch for both checks).
 
 
 # The demo with torchao hidden (tests/without_torchao/sitecustomize.py), every warning shown.
