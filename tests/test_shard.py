@@ -32,7 +32,10 @@ MESHES = {
     (1, 1, 2): ALL + BATCH_TWO,
     (1, 2, 1): ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit", "row_dit"],
     (2, 1, 1): ["patch_dit"],
-    (1, 2, 2): ["flux", "hunyuan_video", "cogvideox", "sd3", "qwen_image", "joint_dit", *BATCH_TWO],
+    # SD3, CogVideoX and Qwen-Image join text and image tokens into one attention as the joint DiT and
+    # FLUX do: on the hybrid mesh those two stand for them (structure here, outputs on real ranks);
+    # theirs are read on Ulysses 2, where their outputs are checked too
+    (1, 2, 2): ["flux", "hunyuan_video", "joint_dit", *BATCH_TWO],
     (1, 4, 1): ["wan", "patch_dit"],
     (2, 1, 2): ["patch_dit"],
 }
@@ -59,14 +62,22 @@ def model_and_inputs(name, **overrides):
 CFG_BATCH_MESH = (1, 1, 2)
 
 
+# Where the structure is read, the inlining of the shard pass's helpers is also compared with a
+# whole trace (test_inlining_a_passs_helpers_gives_the_graph_a_whole_trace_gives): one explain for both.
+INLINING_CHECKED = {((1, 2, 1), "flux"), (CFG_BATCH_MESH, "hunyuan_video")}
+
+
 @pytest.mark.parametrize("mesh_shape, name", CASES, ids=ranks.mesh_id)
-def test_structure_on_a_simulated_mesh(mesh_shape, name):
+def test_structure_on_a_simulated_mesh(monkeypatch, mesh_shape, name):
     cfg_batch = mesh_shape == CFG_BATCH_MESH and name in ALL
     model, kwargs = model_and_inputs(name, **(dict(batch=2) if cfg_batch else {}))
     batch, ring, ulysses = mesh_shape
+    compared = compare_inlining(monkeypatch) if (mesh_shape, name) in INLINING_CHECKED else None
     torch._dynamo.reset()
     report = para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), batch=batch, ring=ring, ulysses=ulysses)
     torch._dynamo.reset()
+    if compared is not None:
+        assert_inlined_as_traced(compared)
     where = f"{name} mesh {mesh_shape}"
     assert report.graph_count == 1, f"{where}: {report.graph_count} graphs (code between graphs runs unsharded)"
     inside = [(f.module, f.op, f.reason, f.source) for f in report.fallbacks if "blocks." in f.module]
@@ -208,15 +219,13 @@ def compiled_error(mesh_shape, name):
 # Outputs checked elsewhere, not run again here: FLUX on Ulysses 2 (examples/demo.py through
 # aot_eager, tests/test_quiet.py; examples/usage.py, the same on CPU, tests/test_readme.py); FLUX on
 # the hybrid 1x2x2 mesh (every step of a cached trajectory against one process, tests/test_cache.py).
-# SD3 and CogVideoX on 1x2x2 join text and image tokens as joint_dit does, which runs there: their
-# structure on that mesh is checked in-process above, their outputs on Ulysses 2. HunyuanVideo on
+# SD3, CogVideoX and Qwen-Image on 1x2x2: see MESHES (the joint DiT runs there). HunyuanVideo on
 # 1x2x2 (its 4 ranks cost the most of any case): its masked joint attention runs on Ulysses 2 here
 # and on Ring 2 in its pipeline (tests/test_pipelines.py), masked keys on the hybrid mesh in
 # tests/test_attention.py, its structure on 1x2x2 above. The joint DiT on Ring 2: the first call of
 # "shard new resolutions" below.
 ELSEWHERE = {
-    ((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "sd3"), ((1, 2, 2), "cogvideox"), ((1, 2, 2), "hunyuan_video"),
-    ((1, 2, 1), "joint_dit"),
+    ((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "hunyuan_video"), ((1, 2, 1), "joint_dit"),
 }
 NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE] + [((1, 1, 2), "linear_attention_dit")]
 for _mesh_shape, _name in NUMERIC_CASES:
@@ -365,45 +374,56 @@ def test_a_write_to_an_input_is_traced_through_functionalize():
     assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, torch.full((3,), 2.0)) and torch.equal(x, torch.ones(3))
 
 
-@pytest.mark.parametrize("mesh_shape, name", [((1, 1, 2), "hunyuan_video"), ((1, 2, 1), "flux"), ((2, 1, 1), "wan")],
-                         ids=ranks.mesh_id)
-def test_inlining_a_passs_helpers_gives_the_graph_a_whole_trace_gives(monkeypatch, mesh_shape, name):
-    """After the shard pass only its helpers are traced (the aten ops run on fake values): the
-    graph equals the one a trace of the whole graph makes, node for node, with the same names,
-    arguments, fake values and metadata. (``make_fx`` numbers the items of multi-output ops it
-    unpacks and then drops; those names may differ.)"""
-    import operator
-    import re
-
+def compare_inlining(monkeypatch):
+    """From now on, each graph the backend inlines is also traced whole: the list gets (traced, inlined) per graph."""
     from para_fx.core import backend, capture
-
-    def nodes(gm):
-        rows = []
-        for n in gm.graph.nodes:
-            v = n.meta.get("val")
-            value = (tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
-            meta = {k: n.meta.get(k) for k in ("stack_trace", "nn_module_stack")}
-            custom = n.meta.get("custom") if n.target is not operator.getitem else None
-            rows.append(re.sub(r"getitem_\d+", "getitem", f"{n.format_node()} {value} {meta} {custom}"))
-        return rows
 
     compared = []
     inline = backend.inline_helpers
 
     def both(gm, example_inputs):
         inlined = inline(gm, example_inputs)
-        compared.append((nodes(capture.capture_aten(gm, example_inputs, functional=False)), nodes(inlined)))
+        compared.append((_nodes(capture.capture_aten(gm, example_inputs, functional=False)), _nodes(inlined)))
         return inlined
 
     monkeypatch.setattr(backend, "inline_helpers", both)
+    return compared
+
+
+def _nodes(gm):
+    import operator
+    import re
+
+    rows = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        value = (tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
+        meta = {k: n.meta.get(k) for k in ("stack_trace", "nn_module_stack")}
+        custom = n.meta.get("custom") if n.target is not operator.getitem else None
+        rows.append(re.sub(r"getitem_\d+", "getitem", f"{n.format_node()} {value} {meta} {custom}"))
+    return rows
+
+
+def assert_inlined_as_traced(compared):
+    assert len(compared) == 1
+    traced, inlined = compared[0]
+    assert inlined == traced
+
+
+# Also on FLUX at 1x2x1 and HunyuanVideo at batch 2 on 1x1x2, in test_structure_on_a_simulated_mesh (INLINING_CHECKED).
+@pytest.mark.parametrize("mesh_shape, name", [((2, 1, 1), "wan")], ids=ranks.mesh_id)
+def test_inlining_a_passs_helpers_gives_the_graph_a_whole_trace_gives(monkeypatch, mesh_shape, name):
+    """After the shard pass only its helpers are traced (the aten ops run on fake values): the
+    graph equals the one a trace of the whole graph makes, node for node, with the same names,
+    arguments, fake values and metadata. (``make_fx`` numbers the items of multi-output ops it
+    unpacks and then drops; those names may differ.)"""
+    compared = compare_inlining(monkeypatch)
     model, kwargs = model_and_inputs(name)
     torch._dynamo.reset()
     para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), batch=mesh_shape[0], ring=mesh_shape[1],
                     ulysses=mesh_shape[2])
     torch._dynamo.reset()
-    assert len(compared) == 1
-    traced, inlined = compared[0]
-    assert inlined == traced
+    assert_inlined_as_traced(compared)
 
 
 class FlexAfterSdpa(torch.nn.Module):
