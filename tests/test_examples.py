@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from para_fx.testing import tiny_pipelines
 import ranks
 import scripts
 
@@ -37,7 +38,12 @@ CASES = {
     "plain_dit": (["--max-batch", "1"], "plain_dit.pt", ("latent", (1, 4, 10, 14))),
 }
 SCRIPTS = ("plain_dit",)
-ON_RANKS = [name for name in CASES if name not in SCRIPTS]
+# HunyuanVideo's and Mochi's examples are the same common.run_pipeline as CogVideoX's (a video saved
+# as a GIF from PIL frames) with their own tiny pipelines, which tests/test_pipelines.py runs on 2
+# ranks with their transformers and VAEs parallel, against one process; their scripts' flags are
+# read in-process below. Not run here again: two compiles of the costliest pipelines.
+CHECKED_BY_PIPELINES = ("hunyuan_video", "mochi")
+ON_RANKS = [name for name in CASES if name not in SCRIPTS + CHECKED_BY_PIPELINES]
 
 
 def flags(name, out):
@@ -117,3 +123,16 @@ def test_mode_asks_for_inductor_even_with_tiny():
     assert parse("--tiny", "--mode", "max-autotune-no-cudagraphs").compiler == "inductor"
     with pytest.raises(SystemExit):
         parse("--tiny", "--mode", "max-autotune", "--compiler", "aot_eager")
+
+
+@pytest.mark.parametrize("name", CHECKED_BY_PIPELINES)
+def test_examples_checked_by_the_pipeline_cases_build_their_tiny_pipeline_from_their_flags(name):
+    """What these examples add to their pipelines (tests/test_pipelines.py): their flags and their
+    tiny pipeline with the pipeline's default output (PIL frames, saved as a GIF as CogVideoX's)."""
+    example = importlib.import_module(name).EXAMPLE
+    args = common.example_args(example, argv=flags(name, CASES[name][1]))
+    assert (args.tiny, args.steps, args.compiler, args.out) == (True, 2, "aot_eager", CASES[name][1])
+    pipe, kwargs = example.tiny(args)
+    assert "output_type" not in kwargs and kwargs["num_inference_steps"] == 2
+    assert type(pipe).__name__ == type(tiny_pipelines.BUILDERS[name]()[0]).__name__
+    assert example.fps is not None  # a video: common.save writes the GIF

@@ -5,7 +5,8 @@ Every pipeline is built from the real diffusers classes with random tiny compone
 the whole pipeline; its decoded output must equal the single-process pipeline's (fp32,
 <= 1e-4), and with the First Block Cache the single-process cached pipeline's, with the same
 cache statistics on every rank. The five pipelines are cases of the world-2 spawn of
-tests/ranks.py; Mochi's attention structure is read in-process on a simulated mesh.
+tests/ranks.py, and each also decodes its latents with the parallel VAE, against the single
+process; Mochi's attention structure is read in-process on a simulated mesh.
 """
 
 import dataclasses
@@ -148,30 +149,49 @@ def single_process(name):
 
 
 def run_pipeline(name, reference):
-    """On one rank: the parallel pipeline without and with the cache, against the single-process ones."""
+    """On one rank: the parallel pipeline with and without the cache's skips, against the single-process ones.
+
+    One compile, with the cache: the cache pass takes the graph the shard passes made (the blocks
+    after the first in a branch of their own), so at threshold 0 (a new threshold, no recompile)
+    every step runs every sharded block, as the pipeline without the cache does (tested on one
+    device in test_single_device_compile_and_cache). The graphs without the cache are compiled on
+    2 ranks in the examples (tests/test_examples.py) and model by model in tests/test_shard.py.
+    """
     expected, expected_cached, expected_stats = reference
     pipe, kwargs = tiny_pipelines.BUILDERS[name](steps=STEPS)
     limits, _ = MESHES[name]
     mesh = init_context_parallel_mesh(**limits)
     parallelize_pipe(pipe, mesh, compiler=COMPILER)
-    parallel = generate(pipe, kwargs)
     apply_cache_on_pipe(pipe, **CACHE)
+    decoder_rows = first_conv_rows(pipe.vae.decoder)
     cached = generate(pipe, kwargs)
+    stats = dataclasses.asdict(last_cache_stats(pipe))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    apply_cache_on_pipe(pipe, residual_diff_threshold=0.0, max_consecutive_skips=1)  # never skips
+    parallel = generate(pipe, kwargs)
     result = dict(
         mesh=tuple(mesh.shape),
         error=max_error(parallel, expected),
+        never_skipped=last_cache_stats(pipe).skipped == 0,
+        recompiled=torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs,
         cached_error=max_error(cached, expected_cached),
         cache_changed_output=max_error(cached, parallel),
-        stats=dataclasses.asdict(last_cache_stats(pipe)),
+        stats=stats,
         expected_stats=expected_stats,
     )
+    if name != "flux":  # FLUX's parallel decode: default_call_behaviour
+        # the pipeline's own decode of its latents, split by height over the ranks (as the examples run it)
+        whole_calls = len(decoder_rows)
+        parallelize_vae(pipe.vae, mesh)
+        result["parallel_vae_error"] = max_error(generate(pipe, kwargs), expected)
+        result["decoder_rows"] = max(decoder_rows[:whole_calls]), max(decoder_rows[whole_calls:])  # whole, then chunks
     if name == "wan":  # the cache first, then parallelism: the same result
         other = tiny_pipelines.wan(steps=STEPS)[0]
         apply_cache_on_pipe(other, **CACHE)
         parallelize_pipe(other, mesh, compiler=COMPILER)
         result["cache_first_error"] = max_error(generate(other, kwargs), cached)
     if name == "flux":
-        result.update(default_call_behaviour(pipe, kwargs, mesh, cached))
+        result.update(default_call_behaviour(pipe, kwargs, mesh, parallel))
     return result
 
 
@@ -191,6 +211,14 @@ def default_call_behaviour(pipe, kwargs, mesh, expected):
         parallel_vae_output=describe(with_parallel_vae),
         parallel_vae_error=None if isinstance(with_parallel_vae, list) else max_error(with_parallel_vae, expected),
     )
+
+
+def first_conv_rows(module):
+    """The heights that the module's first conv sees, one per call (tests/test_vae.py's check that inputs were split)."""
+    conv = next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    seen = []
+    conv.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2]))
+    return seen
 
 
 def describe(images):
@@ -226,6 +254,7 @@ def test_two_ranks_match_single_process(name):
         where = f"{name} rank {rank}"
         assert r["mesh"] == MESHES[name][1], where
         assert r["error"] <= TOLERANCE, f"{where}: parallel vs single process: {r['error']}"
+        assert r["never_skipped"] and not r["recompiled"], where
         assert r["cached_error"] <= TOLERANCE, f"{where}: cached parallel vs cached single process: {r['cached_error']}"
         assert r["cache_changed_output"] > TOLERANCE, f"{where}: the cache skipped nothing visible"
         stats, expected = r["stats"], r["expected_stats"]
@@ -234,6 +263,11 @@ def test_two_ranks_match_single_process(name):
         assert (stats["computed"], stats["skipped"]) == (expected["computed"], expected["skipped"]), where
         assert stats["diffs"] == pytest.approx(expected["diffs"], abs=TOLERANCE), where
         assert stats == results[0]["stats"], f"{where}: cache statistics differ between ranks"
+    if name != "flux":
+        for rank, r in enumerate(results):
+            assert r["parallel_vae_error"] <= TOLERANCE, f"{name} rank {rank}: parallel decode: {r['parallel_vae_error']}"
+            whole, chunk = r["decoder_rows"]
+            assert chunk < whole, f"{name} rank {rank}: the decoder saw {chunk} of {whole} latent rows"
     if name == "wan":
         assert all(r["cache_first_error"] <= TOLERANCE for r in results)
     if name == "flux":
