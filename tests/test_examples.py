@@ -5,6 +5,8 @@ process per rank) is the README's, whose examples run as scripts in tests/test_r
 pipelines, whose scripts are the same ``common.main`` with another ``Example``, run that
 example's pipeline (``common.run_pipeline``, from the flags to the saved file) as cases of the
 world-2 spawn of tests/ranks.py: a script's three processes of start-up each were most of their time.
+Those whose pipelines tests/test_pipelines.py runs with nothing the example adds but its flags and
+its tiny pipeline (``CHECKED_BY_PIPELINES``) are checked in-process.
 """
 
 import contextlib
@@ -41,8 +43,10 @@ SCRIPTS = ("plain_dit",)
 # HunyuanVideo's and Mochi's examples are the same common.run_pipeline as CogVideoX's (a video saved
 # as a GIF from PIL frames) with their own tiny pipelines, which tests/test_pipelines.py runs on 2
 # ranks with their transformers and VAEs parallel, against one process; their scripts' flags are
-# read in-process below. Not run here again: two compiles of the costliest pipelines.
-CHECKED_BY_PIPELINES = ("hunyuan_video", "mochi")
+# read in-process below. FLUX's is the README's examples/pipeline.py --tiny (tests/test_readme.py):
+# its tiny pipeline on 2 ranks, the parallel VAE, the PNG saved on rank 0; the image branch of
+# common.save is run in-process below. Not run here again: three compiles of pipelines.
+CHECKED_BY_PIPELINES = ("flux", "hunyuan_video", "mochi")
 ON_RANKS = [name for name in CASES if name not in SCRIPTS + CHECKED_BY_PIPELINES]
 
 
@@ -126,13 +130,18 @@ def test_mode_asks_for_inductor_even_with_tiny():
 
 
 @pytest.mark.parametrize("name", CHECKED_BY_PIPELINES)
-def test_examples_checked_by_the_pipeline_cases_build_their_tiny_pipeline_from_their_flags(name):
+def test_examples_checked_by_the_pipeline_cases_build_their_tiny_pipeline_from_their_flags(name, tmp_path):
     """What these examples add to their pipelines (tests/test_pipelines.py): their flags and their
-    tiny pipeline with the pipeline's default output (PIL frames, saved as a GIF as CogVideoX's)."""
+    tiny pipeline with the pipeline's default output (PIL images or frames)."""
     example = importlib.import_module(name).EXAMPLE
     args = common.example_args(example, argv=flags(name, CASES[name][1]))
     assert (args.tiny, args.steps, args.compiler, args.out) == (True, 2, "aot_eager", CASES[name][1])
     pipe, kwargs = example.tiny(args)
     assert "output_type" not in kwargs and kwargs["num_inference_steps"] == 2
     assert type(pipe).__name__ == type(tiny_pipelines.BUILDERS[name]()[0]).__name__
-    assert example.fps is not None  # a video: common.save writes the GIF
+    if example.fps is None:  # an image: rank 0 saves the first one
+        out = tmp_path / CASES[name][1]
+        common.save(pipe(**kwargs, generator=torch.Generator().manual_seed(0)), str(out), example.fps)
+        assert saved(name, out) == CASES[name][2]
+    else:  # a video: common.save writes the GIF as CogVideoX's example does
+        assert CASES[name][1].endswith(".gif")

@@ -223,9 +223,15 @@ def compiled_error(mesh_shape, name):
 # 1x2x2 (its 4 ranks cost the most of any case): its masked joint attention runs on Ulysses 2 here
 # and on Ring 2 in its pipeline (tests/test_pipelines.py), masked keys on the hybrid mesh in
 # tests/test_attention.py, its structure on 1x2x2 above. The joint DiT on Ring 2: the first call of
-# "shard new resolutions" below.
+# "shard new resolutions" below. On 4 ranks, where each case costs its compile four times: the
+# diffusers DiT on 1x2x2 is made of the same blocks as PixArt, which runs there (the structure of
+# both is read above); the complex rotary embedding acts on each rank's tokens before the attention,
+# whatever the mesh (on Ulysses 2 here; the hybrid mesh's attention with the other batch-2 models);
+# the patch DiT on the uneven Ring 4 is Wan's case there with plain blocks (on Ring 2 and both batch
+# meshes here).
 ELSEWHERE = {
     ((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "hunyuan_video"), ((1, 2, 1), "joint_dit"),
+    ((1, 2, 2), "dit"), ((1, 2, 2), "complex_rope_dit"), ((1, 4, 1), "patch_dit"),
 }
 NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE] + [((1, 1, 2), "linear_attention_dit")]
 for _mesh_shape, _name in NUMERIC_CASES:
