@@ -293,15 +293,12 @@ def report_plan(gm: fx.GraphModule, p: Plan, report: Report) -> dict[fx.Node, in
     return indices
 
 
-_SOFTMAXES = (aten._softmax.default, aten._safe_softmax.default)
-
-
 def _unsplit_attention_note(gm: fx.GraphModule) -> str | None:
     """Why nothing is split in a graph that computes attention as matmuls and a softmax: the split
     starts at attention ops, and SDPA's math path reaches the capture already decomposed."""
     if any(family(node.target) == "attention" for node in gm.graph.nodes):
         return None
-    softmax = next((node for node in gm.graph.nodes if node.target in _SOFTMAXES), None)
+    softmax = next((node for node in gm.graph.nodes if family(node.target) == "softmax"), None)
     if softmax is None:
         return None
     return (

@@ -138,7 +138,7 @@ def rule(*targets: Any, family: str):
 def family(target: Any) -> str | None:
     """What kind of op ``target`` is: "pointwise", "copy" (the same values again: clone, alias,
     detach), "reshape" (views that may merge or split dims), "view", "slice", "scatter", "split",
-    "join", "pad", "matmul", "norm", "reduction", "index", "conv", "factory" (a new tensor of
+    "join", "pad", "matmul", "norm", "reduction", "softmax", "index", "conv", "factory" (a new tensor of
     given sizes), "collective" or "attention";
     None for an op para has no rule for."""
     if target in FAMILIES:
@@ -604,7 +604,8 @@ def group_norm(call: Call, pl) -> Decision:
     return keep(call, pl, call["input"], [p, p, p])
 
 
-@rule(aten._softmax.default, aten._safe_softmax.default, aten._log_softmax.default, family="reduction")
+@rule(aten._log_softmax.default, family="reduction")
+@rule(aten._softmax.default, aten._safe_softmax.default, family="softmax")  # an attention computed as matmuls has one
 def softmax(call: Call, pl) -> Decision:
     p = sharded_input(call, pl)
     if p is None:
