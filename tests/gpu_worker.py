@@ -1,7 +1,9 @@
 """The GPU tier's worker, one process per GPU under torchrun: every seed model in bf16 on
 Ulysses and Ring over the whole world (NCCL, aot_eager), Ring also with gathered keys/values
 (``ring_kv="gather"``) and with its blocks carried by the copy engines
-(``ring_transport="copy_engine"``), against single-GPU eager.
+(``ring_transport="copy_engine"``), and with the replicated vectors' matmuls split by columns
+(``split_vector_matmuls=True``, on every model's size: the weight threshold is lifted), against
+single-GPU eager.
 
     torchrun --nproc_per_node=2 tests/gpu_worker.py OUT.json [model ...]
 
@@ -10,6 +12,7 @@ flash-vs-math SDPA difference on the same input), the graph count, the fallbacks
 transformer blocks and the attention sites' strategies.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -46,7 +49,11 @@ MESHES = [
     ("ring2_ulysses1", True, False, {}),
     ("ring2_ulysses1_gather", True, False, {"ring_kv": "gather"}),
     ("ring2_ulysses1_copy_engine", True, False, {"ring_transport": "copy_engine"}),
+    ("ring1_ulysses2_split", False, True, {"split_vector_matmuls": True}),
+    ("ring2_ulysses1_copy_engine_split", True, False, {"ring_transport": "copy_engine", "split_vector_matmuls": True}),
 ]
+# the tiny models' weights are far below the pass's threshold: lifted, so that it runs on them
+importlib.import_module("para_fx.passes.split_vector_matmuls").MIN_BYTES = 0
 
 
 def to_device(value, device):
@@ -87,6 +94,7 @@ def check_model(name: str, device: torch.device) -> dict:
                 fallbacks=len(report.fallbacks),
                 strategies=sorted({s.strategy for s in report.attention_sites}),
                 collectives=len(report.collectives),
+                split_vector_matmuls=any(note.startswith("split vector matmuls:") for note in report.notes),
             )
             torch._dynamo.reset()
     return result

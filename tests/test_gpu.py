@@ -1,5 +1,6 @@
 """The GPU tier: every seed model on 2 GPUs (NCCL, bf16), Ulysses 2 and Ring 2 (keys/values
-passed by NCCL or by the copy engines, and gathered), against single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is
+passed by NCCL or by the copy engines, and gathered; and with the vectors' matmuls split by
+columns), against single-GPU eager. Skipped without 2 CUDA devices, so CPU CI is
 unchanged; run it with
 
     python -m pytest -q -m gpu tests/test_gpu.py
@@ -34,7 +35,14 @@ def results(tmp_path_factory):
 
 
 # tests/gpu_worker.py's MESHES, by label (the worker runs under torchrun, apart from pytest)
-MESHES = ["ring1_ulysses2", "ring2_ulysses1", "ring2_ulysses1_gather", "ring2_ulysses1_copy_engine"]
+MESHES = [
+    "ring1_ulysses2",
+    "ring2_ulysses1",
+    "ring2_ulysses1_gather",
+    "ring2_ulysses1_copy_engine",
+    "ring1_ulysses2_split",
+    "ring2_ulysses1_copy_engine_split",
+]
 MODELS = ["flux", "hunyuan_video", "mochi", "cogvideox", "wan", "sd3", "patch_dit", "joint_dit"]
 
 
@@ -48,5 +56,6 @@ def test_model_on_two_gpus_matches_eager(results, name, mesh):
     assert r["graphs"] == 1, f"{name} {mesh}: {r['graphs']} graphs"
     assert not r["fallbacks_in_blocks"], f"{name} {mesh}: fallbacks inside the blocks: {r['fallbacks_in_blocks']}"
     assert set(r["strategies"]) & {"ulysses", "ring"}, f"{name} {mesh}: no context-parallel site: {r['strategies']}"
+    assert r["split_vector_matmuls"] == mesh.endswith("_split"), f"{name} {mesh}: split_vector_matmuls {r['split_vector_matmuls']}"
     # bf16 noise: eager's own flash-vs-math difference on the same input (at least 1e-3)
     assert r["rel_err"] <= 2 * max(result["noise"], 1e-3), f"{name} {mesh}: {r['rel_err']} vs noise {result['noise']}"
