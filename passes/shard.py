@@ -23,14 +23,17 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from para_fx.runtime.attention import sharded_attention
+from para_fx.runtime.attention import flex_block_mask_heads, flex_to_heads, flex_to_sequence, sharded_attention
 from para_fx.core.mesh import MeshInfo
 from para_fx.core.placement import REPLICATE, Partial, Placement, Replicate, Shard, global_size, plain
 from para_fx.inspect.report import AttentionSite, Fallback, Report, module_path, source_line
 
 from .localize import localize
 from .redistribute import Redistributor, mark, same_rows, whole_chain
-from .shard_rules import Call, Decision, Group, decide, family, replicated, reshape_placement, shape, tensor_inputs, val
+from .shard_rules import (
+    FLEX_ATTENTION, FLEX_INDEX, Call, Decision, Group, decide, family, flex_args, flex_block_mask_tensors, flex_reads, replicated,
+    reshape_placement, shape, tensor_inputs, val,
+)
 
 aten = torch.ops.aten
 
@@ -71,7 +74,10 @@ class Plan:
 
 
 def attention_args(node: fx.Node) -> dict:
-    """The attention call's arguments by name: query, key, value, mask, dropout_p, is_causal, scale."""
+    """The attention call's arguments by name: query, key, value, mask, dropout_p, is_causal, scale
+    (and, for flex attention, its own: :func:`flex_args`)."""
+    if node.target is FLEX_ATTENTION:
+        return {**flex_args(node), "mask": None, "dropout_p": 0.0, "is_causal": False}
     _, kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     kwargs["mask"] = kwargs.pop("attn_mask", None) if "attn_mask" in kwargs else kwargs.pop("attn_bias", None)
     return kwargs
@@ -178,7 +184,12 @@ def plan(gm: fx.GraphModule, spec: ShardSpec) -> Plan:
         elif node.target is operator.getitem and isinstance(p.placements.get(node.args[0]), list):
             p.placements[node] = p.placements[node.args[0]][node.args[1]]
         else:
-            decision = _plan_attention(node, p, spec) if family(node.target) == "attention" else _decide(node, p, spec)
+            if node.target is FLEX_ATTENTION:
+                decision = _plan_flex(gm, node, p, spec)
+            elif family(node.target) == "attention":
+                decision = _plan_attention(node, p, spec)
+            else:
+                decision = _decide(node, p, spec)
             p.decisions[node] = decision
             p.placements[node] = decision.out
         if node in demand and isinstance(p.placements[node], Replicate) and shape(node)[demand[node].dim] >= spec.group.parts:
@@ -269,6 +280,60 @@ def unsupported_attention(node: fx.Node, a: dict) -> str | None:
     for user in node.users:
         if user.target is operator.getitem and user.args[1] != 0 and user.users:
             return "the attention's log-sum-exp is used"
+    return None
+
+
+def _plan_flex(gm: fx.GraphModule, node: fx.Node, p: Plan, spec: ShardSpec) -> Decision:
+    """Flex attention runs Ulysses: each rank attends whole sequences (in global order) with its
+    heads, so any block mask and score_mod hold unchanged, given the model's head index where they
+    read it. Replicated keys/values are sliced (free), as mods may read key positions."""
+    a = attention_args(node)
+    q, k, v = a["query"], a["key"], a["value"]
+    pq, pk, pv = (p.placements[x] for x in (q, k, v))
+    dim = spec.attention_dim
+    site = dict(global_query_len=shape(q)[2], placements=f"q={pq} k={pk} v={pv}")
+    refusal = None if not (isinstance(pq, Shard) and pq.dim == dim) else unsupported_flex(gm, node, a, spec)
+    if not (isinstance(pq, Shard) and pq.dim == dim) or refusal:
+        if spec.kind == "seq":
+            p.sites[node] = Site("replicated", shape(q)[2], **site)
+        return replicated(Call(node), refusal)
+    out = [Shard(dim, pq.layout)] + [REPLICATE] * (len(val(node)) - 1)
+    others = {x: REPLICATE for x in tensor_inputs(node) if x not in (q, k, v)}  # block mask, the mods' buffers
+    if spec.kind == "batch":
+        return Decision({**others, q: pq, k: pq, v: pq}, out)
+    kv_pl = pk if isinstance(pk, Shard) and pk.dim == 2 and pv == pk else Shard(2, plain(shape(k)[2]))
+    p.sites[node] = Site("ulysses", spec.group.local(pq.layout), **site)
+    return Decision({**others, q: pq, k: kv_pl, v: kv_pl}, out)
+
+
+def unsupported_flex(gm: fx.GraphModule, node: fx.Node, a: dict, spec: ShardSpec) -> str | None:
+    """Why a flex attention with split queries cannot run Ulysses on this group, or None. Refused,
+    never approximated: Ring (flex attention has no log-sum-exp merge here), a mod para cannot read,
+    heads that do not split evenly where the mods or the block mask tell heads apart, and in the
+    batch group a per-sample block mask or a mod that reads the sample index."""
+    for user in node.users:
+        if user.target is operator.getitem and user.args[1] != 0 and user.users:
+            return "the attention's log-sum-exp is used"
+    mods = {which: getattr(gm, a[which].target) if isinstance(a[which], fx.Node) else a[which]
+            for which in ("score_mod", "mask_mod")}
+    if any(flex_reads(mod, which, "h") is None for which, mod in mods.items()):
+        return "flex attention's score_mod or mask_mod is not a graph"
+    block_mask = flex_block_mask_tensors(a)
+    q, k = a["query"], a["key"]
+    if spec.kind == "batch":
+        if any(flex_reads(mod, which, "b") for which, mod in mods.items()) or any(shape(t)[0] > 1 for t in block_mask):
+            return "flex attention whose mask or score_mod tells samples apart is not split over the batch"
+        if shape(k)[0] != shape(q)[0]:
+            return "flex attention with keys broadcast over the batch is not split over the batch"
+        return None
+    info = spec.info
+    if info.ring > 1:
+        return f"flex attention runs Ulysses only, not Ring (this mesh's ring is {info.ring})"
+    heads = shape(q)[1]
+    per_head = any(flex_reads(mod, which, "h") for which, mod in mods.items()) or any(shape(t)[1] > 1 for t in block_mask)
+    if per_head and heads % info.ulysses:  # padded heads would have head indices the mods do not know
+        return (f"flex attention that tells heads apart needs its {heads} heads divisible by the Ulysses "
+                f"degree {info.ulysses}")
     return None
 
 
@@ -367,6 +432,8 @@ class _Emitter:
         self.placements[node] = d.out
 
     def _context_parallel(self, node: fx.Node, d: Decision) -> None:
+        if node.target is FLEX_ATTENTION:
+            return self._flex_ulysses(node, d)
         a = attention_args(node)
         q, k, mask = a["query"], a["key"], a["mask"]
         inputs = self._inputs(node, d)
@@ -388,12 +455,79 @@ class _Emitter:
         self.placements[node] = d.out
 
 
+    def _flex_ulysses(self, node: fx.Node, d: Decision) -> None:
+        """Sequence to heads, the same flex attention on this rank's heads, heads to sequence. Its
+        per-head block mask tensors keep this rank's heads; a mod that reads the head index is given
+        the model's (this rank's first head added)."""
+        a = attention_args(node)
+        q, k, v = a["query"], a["key"], a["value"]
+        inputs = self._inputs(node, d)
+        info = dataclasses.astuple(self.spec.info)
+        heads = shape(q)[1]
+        count = -(-heads // self.spec.info.ulysses)
+        first = self.spec.info.ulysses_rank * count
+        layouts = dict(q_layout=d.inputs[q].layout, kv_layout=d.inputs[k].layout)
+        moved = self._call(flex_to_heads_node, (inputs[q], inputs[k], inputs[v]), node, dict(info=info, **layouts))
+        mark(moved, para_site=self.site_index[node])
+        local = [self._call(operator.getitem, (moved, i), node) for i in range(3)]
+
+        def mask_item(x):
+            if not (isinstance(x, fx.Node) and x in inputs):
+                return self.env[x] if isinstance(x, fx.Node) else x
+            return self._call(flex_block_mask_heads, (inputs[x], first, count), node) if shape(x)[1] > 1 else inputs[x]
+
+        block_mask = tuple(mask_item(x) for x in a["block_mask"][:-1]) + (self._mod(a["mask_mod"], "mask_mod", first),)
+        buffers = [tuple(inputs.get(b, self.env.get(b, b)) if isinstance(b, fx.Node) else b for b in a[name])
+                   for name in ("score_mod_other_buffers", "mask_mod_other_buffers")]
+        args = (*local, self._mod(a["score_mod"], "score_mod", first), block_mask, a["scale"], a["kernel_options"], *buffers)
+        out = self._call(operator.getitem, (self._call(FLEX_ATTENTION, args, node), 0), node)
+        out = self._call(flex_to_sequence_node, (out,), node, dict(info=info, q_layout=layouts["q_layout"], heads=heads))
+        mark(out, para_site=self.site_index[node])
+        out = self.moves.restride(out, node, node)
+        self.env[node] = self._call(_as_tuple, (out, len(val(node))), node)
+        self.placements[node] = d.out
+
+    def _mod(self, mod: fx.Node, which: str, first: int) -> fx.Node:
+        """``mod`` (a get_attr of score_mod or mask_mod) as this rank runs it: reading head ``h + first``."""
+        graph_module = getattr(self.gm, mod.target)
+        if not first or not flex_reads(graph_module, which, "h"):
+            return self.env[mod]
+        name = f"{mod.target}_from_head{first}"
+        if not hasattr(self.gm, name):
+            self.gm.add_submodule(name, with_head_offset(graph_module, FLEX_INDEX[which]["h"], first))
+        return self.graph.get_attr(name)
+
+
+def with_head_offset(mod: fx.GraphModule, position: int, offset: int) -> fx.GraphModule:
+    """A copy of ``mod`` that adds ``offset`` to its ``position``-th argument (the head index)
+    before any use: a Ulysses rank runs its heads as 0, 1, ..., the mods index the model's."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(mod.graph, {}))
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    h = placeholders[position]
+    with graph.inserting_after(placeholders[-1]):
+        shifted = graph.call_function(aten.add.Tensor, (h, offset))
+    shifted.meta = dict(h.meta)
+    h.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+    return fx.GraphModule(mod, graph)
+
+
 def sharded_attention_node(q, k, v, bias, *, info, q_layout, kv_layout, scale, causal, ring_kv, ring_transport):
     """The graph's call into :func:`sharded_attention` (mesh info travels as a plain tuple)."""
     return sharded_attention(
         q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout, bias=bias, scale=scale, causal=causal,
         ring_kv=ring_kv, ring_transport=ring_transport,
     )
+
+
+def flex_to_heads_node(q, k, v, *, info, q_layout, kv_layout):
+    """The graph's call into :func:`flex_to_heads` (mesh info travels as a plain tuple)."""
+    return flex_to_heads(q, k, v, MeshInfo(*info), q_layout=q_layout, kv_layout=kv_layout)
+
+
+def flex_to_sequence_node(out, *, info, q_layout, heads):
+    """The graph's call into :func:`flex_to_sequence`."""
+    return flex_to_sequence(out, MeshInfo(*info), q_layout=q_layout, heads=heads)
 
 
 def _as_tuple(out, n):

@@ -717,3 +717,39 @@ ATTENTION = (
 )
 for _op in ATTENTION:
     FAMILIES[_op] = "attention"
+
+# Flex attention, captured as a higher-order op: its block mask's tensors (``[B, H, ...]``), its
+# score_mod and mask_mod (graphs of ``(score,) b, h, q_idx, kv_idx, *buffers``) and their buffers
+FLEX_ATTENTION = torch.ops.higher_order.flex_attention
+FLEX_ARGS = (
+    "query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options", "score_mod_other_buffers",
+    "mask_mod_other_buffers",
+)
+FAMILIES[FLEX_ATTENTION] = "attention"
+# where each mod takes the batch and head index: score_mod(score, b, h, q_idx, kv_idx), mask_mod(b, h, q_idx, kv_idx)
+FLEX_INDEX = {"score_mod": {"b": 1, "h": 2}, "mask_mod": {"b": 0, "h": 1}}
+
+
+def flex_args(node: fx.Node) -> dict[str, Any]:
+    """A flex attention's arguments by name, its mask_mod (the block mask's last item) as ``mask_mod``."""
+    args = dict(zip(FLEX_ARGS, node.args))
+    args.update(node.kwargs)
+    args.setdefault("score_mod_other_buffers", ())
+    args.setdefault("mask_mod_other_buffers", ())
+    args["mask_mod"] = args["block_mask"][-1]
+    return args
+
+
+def flex_block_mask_tensors(args: Mapping[str, Any]) -> list[fx.Node]:
+    """The block mask's tensors, each ``[B|1, H|1, ...]``."""
+    return [x for x in args["block_mask"] if isinstance(x, fx.Node) and isinstance(val(x), torch.Tensor)]
+
+
+def flex_reads(mod: Any, which: str, index: str) -> bool | None:
+    """Whether score_mod or mask_mod (``which``, a graph) reads its batch or head ``index`` ("b", "h");
+    None when it is not a graph para can read."""
+    if not isinstance(mod, fx.GraphModule):
+        return None
+    placeholders = list(mod.graph.find_nodes(op="placeholder"))
+    position = FLEX_INDEX[which][index]
+    return position < len(placeholders) and bool(placeholders[position].users)

@@ -435,7 +435,7 @@ def test_inlining_a_passs_helpers_gives_the_graph_a_whole_trace_gives(monkeypatc
 class FlexAfterSdpa(torch.nn.Module):
     """An SDPA block, then a causal flex attention over a block mask. ``create_block_mask`` runs
     ``vmap``, which ``functionalize`` cannot trace through: the capture traces without it (nothing
-    is written in place), and the flex attention, which has no rule, gathers its inputs."""
+    is written in place), and the flex attention runs Ulysses (tests/test_flex_attention.py)."""
 
     def __init__(self):
         super().__init__()
@@ -459,17 +459,14 @@ def flex_after_sdpa():
     return FlexAfterSdpa(), torch.randn(1, 256, 16)
 
 
-def test_flex_attention_is_captured_and_falls_back_reported():
+def test_flex_attention_is_captured_and_split():
     model, x = flex_after_sdpa()
     torch._dynamo.reset()
     report = para_fx.explain(model, args=(x,), world_size=2)
     torch._dynamo.reset()
     assert report.graph_count == 1
-    assert [s.strategy for s in report.attention_sites] == ["ulysses"], report.attention_sites
-    assert [(f.op, f.reason) for f in report.fallbacks] == [("flex_attention", "no sharding rule for flex_attention")]
-    # the model's line, not torch's code below it
-    assert report.fallbacks[0].source.startswith(f"{__file__}:"), report.fallbacks[0].source
-    assert report.fallbacks[0].source.endswith("flex_attention(q, k, v, block_mask=causal).transpose(1, 2).flatten(2))")
+    assert [s.strategy for s in report.attention_sites] == ["ulysses", "ulysses"], report.attention_sites
+    assert report.fallbacks == []
 
 
 def flex_after_sdpa_error():
@@ -483,7 +480,7 @@ ranks.add(2, "shard flex attention", flex_after_sdpa_error)
 
 
 @pytest.mark.ranks
-def test_flex_attention_falls_back_right_on_two_ranks():
+def test_flex_attention_is_right_on_two_ranks():
     errors = ranks.result(2, "shard flex attention")
     assert max(errors) <= 1e-5, errors
 

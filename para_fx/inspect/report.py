@@ -503,7 +503,10 @@ def graph_flops(gm: fx.GraphModule) -> int:
             continue
         branches = [getattr(gm, a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         branches = [b for b in branches if isinstance(b, fx.GraphModule)]
-        total += max(graph_flops(b) for b in branches) if branches else node_flops(node)
+        if branches and family(node.target) != "attention":  # flex attention's subgraphs are its score_mod
+            total += max(graph_flops(b) for b in branches)
+        else:
+            total += node_flops(node)
     return total
 
 

@@ -212,6 +212,56 @@ def sharded_attention(
     return out
 
 
+def flex_to_heads(q, k, v, info: MeshInfo, *, q_layout: Layout, kv_layout: Layout):
+    """Ulysses for flex attention: ``[B, H, L_mine, D]`` shards in, ``[B, ceil(H/U), S, D]`` out, every
+    token of this rank's heads, in global order (a block mask and the mods index global positions).
+    Key/value heads are repeated as for SDPA where they are fewer (grouped-query)."""
+    n = info.seq
+    q_lens = [local_size(q_layout, n, r) for r in range(n)]
+    kv_lens = [local_size(kv_layout, n, r) for r in range(n)]
+    _check_local_length("query", q, q_lens[info.seq_rank])
+    _check_local_length("key", k, kv_lens[info.seq_rank])
+    heads, u = q.shape[1], info.ulysses
+    q = _in_global_order(_sequence_to_heads(q, q_lens, info), _all_ranges(q_layout, n))
+    kv_ranges = _all_ranges(kv_layout, n)
+    if k.shape == v.shape:  # one transport for both
+        kv = _sequence_to_heads(_kv_heads_per_query_split(torch.stack([k, v]), heads, u), kv_lens, info)
+        k, v = _in_global_order(kv, kv_ranges).unbind(0)
+    else:
+        k, v = (_in_global_order(_sequence_to_heads(_kv_heads_per_query_split(x[None], heads, u), kv_lens, info)[0],
+                                 kv_ranges) for x in (k, v))
+    return q, k, v
+
+
+def flex_to_sequence(out: torch.Tensor, info: MeshInfo, *, q_layout: Layout, heads: int) -> torch.Tensor:
+    """Inverse of :func:`flex_to_heads` for the output: ``[B, ceil(H/U), S, D]`` -> ``[B, H, L_mine, D]``."""
+    n = info.seq
+    ranges = _all_ranges(q_layout, n)
+    out = _take(out, 2, ranges) if not _increasing(ranges) else out  # global order -> the ranks' chunks, in rank order
+    return _heads_to_sequence(out, [local_size(q_layout, n, r) for r in range(n)], heads, info)
+
+
+def flex_block_mask_heads(t: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """This rank's heads of a per-head block mask tensor ``[B, H, ...]``."""
+    return t.narrow(1, first, count).contiguous()
+
+
+def _all_ranges(layout: Layout, n: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of every rank's pieces, rank after rank: the order Ulysses gathers tokens in."""
+    return [rg for r in range(n) for rg in local_ranges(layout, n, r)]
+
+
+def _in_global_order(x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Tokens gathered rank after rank (``ranges``, their global positions) put in global order."""
+    if _increasing(ranges):
+        return x
+    offsets, at = [], 0
+    for start, length in ranges:
+        offsets.append((start, at, length))
+        at += length
+    return torch.cat([x.narrow(-2, at, length) for _, at, length in sorted(offsets)], dim=-2)
+
+
 RING_KV = ("pass", "gather")
 RING_TRANSPORTS = ("nccl", "copy_engine")
 
