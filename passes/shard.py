@@ -31,8 +31,8 @@ from para_fx.inspect.report import AttentionSite, Fallback, Report, module_path,
 from .localize import localize
 from .redistribute import Redistributor, mark, same_rows, whole_chain
 from .shard_rules import (
-    FLEX_ATTENTION, FLEX_INDEX, Call, Decision, Group, decide, family, flex_args, flex_block_mask_tensors, flex_reads, replicated,
-    reshape_placement, shape, tensor_inputs, val,
+    FLEX_ATTENTION, FLEX_INDEX, Call, Decision, Group, decide, family, flex_args, flex_block_mask_tensors, flex_reads,
+    replicated, reshape_placement, shape, tensor_inputs, val,
 )
 
 aten = torch.ops.aten
@@ -319,9 +319,10 @@ def unsupported_flex(gm: fx.GraphModule, node: fx.Node, a: dict, spec: ShardSpec
     if any(flex_reads(mod, which, "h") is None for which, mod in mods.items()):
         return "flex attention's score_mod or mask_mod is not a graph"
     block_mask = flex_block_mask_tensors(a)
+    reads = {index: any(flex_reads(mod, which, index) for which, mod in mods.items()) for index in ("b", "h")}
     q, k = a["query"], a["key"]
     if spec.kind == "batch":
-        if any(flex_reads(mod, which, "b") for which, mod in mods.items()) or any(shape(t)[0] > 1 for t in block_mask):
+        if reads["b"] or any(shape(t)[0] > 1 for t in block_mask):
             return "flex attention whose mask or score_mod tells samples apart is not split over the batch"
         if shape(k)[0] != shape(q)[0]:
             return "flex attention with keys broadcast over the batch is not split over the batch"
@@ -330,8 +331,8 @@ def unsupported_flex(gm: fx.GraphModule, node: fx.Node, a: dict, spec: ShardSpec
     if info.ring > 1:
         return f"flex attention runs Ulysses only, not Ring (this mesh's ring is {info.ring})"
     heads = shape(q)[1]
-    per_head = any(flex_reads(mod, which, "h") for which, mod in mods.items()) or any(shape(t)[1] > 1 for t in block_mask)
-    if per_head and heads % info.ulysses:  # padded heads would have head indices the mods do not know
+    # padded heads would have head indices that the mods and the block mask do not know
+    if (reads["h"] or any(shape(t)[1] > 1 for t in block_mask)) and heads % info.ulysses:
         return (f"flex attention that tells heads apart needs its {heads} heads divisible by the Ulysses "
                 f"degree {info.ulysses}")
     return None
@@ -454,7 +455,6 @@ class _Emitter:
         self.env[node] = self._call(_as_tuple, (out, n_out), node) if n_out else out
         self.placements[node] = d.out
 
-
     def _flex_ulysses(self, node: fx.Node, d: Decision) -> None:
         """Sequence to heads, the same flex attention on this rank's heads, heads to sequence. Its
         per-head block mask tensors keep this rank's heads; a mod that reads the head index is given
@@ -476,10 +476,11 @@ class _Emitter:
                 return self.env[x] if isinstance(x, fx.Node) else x
             return self._call(flex_block_mask_heads, (inputs[x], first, count), node) if shape(x)[1] > 1 else inputs[x]
 
-        block_mask = tuple(mask_item(x) for x in a["block_mask"][:-1]) + (self._mod(a["mask_mod"], "mask_mod", first),)
+        block_mask = (*(mask_item(x) for x in a["block_mask"][:-1]), self._mod(a["mask_mod"], "mask_mod", first))
         buffers = [tuple(inputs.get(b, self.env.get(b, b)) if isinstance(b, fx.Node) else b for b in a[name])
                    for name in ("score_mod_other_buffers", "mask_mod_other_buffers")]
-        args = (*local, self._mod(a["score_mod"], "score_mod", first), block_mask, a["scale"], a["kernel_options"], *buffers)
+        score_mod = self._mod(a["score_mod"], "score_mod", first)
+        args = (*local, score_mod, block_mask, a["scale"], a["kernel_options"], *buffers)
         out = self._call(operator.getitem, (self._call(FLEX_ATTENTION, args, node), 0), node)
         out = self._call(flex_to_sequence_node, (out,), node, dict(info=info, q_layout=layouts["q_layout"], heads=heads))
         mark(out, para_site=self.site_index[node])

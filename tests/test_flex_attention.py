@@ -20,36 +20,39 @@ DIM, REGISTERS, TOKENS = 32, 16, 240  # 256 tokens: registers then image, each s
 class FlexBlock(torch.nn.Module):
     """A DiT block whose attention is flex attention: a sliding window per head, within documents
     (a mask_mod that reads the head index and a buffer), and an ALiBi-like score_mod (per-head
-    slopes, read by the head index)."""
+    slopes, read by the head index); with ``kv_heads`` fewer than ``heads``, grouped-query."""
 
-    def __init__(self, heads: int):
+    def __init__(self, heads: int, kv_heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads
         self.norm1, self.norm2 = torch.nn.LayerNorm(DIM), torch.nn.LayerNorm(DIM)
-        self.qkv, self.out = torch.nn.Linear(DIM, 3 * DIM), torch.nn.Linear(DIM, DIM)
+        self.q, self.out = torch.nn.Linear(DIM, DIM), torch.nn.Linear(DIM, DIM)
+        self.kv = torch.nn.Linear(DIM, 2 * kv_heads * (DIM // heads))
         self.mlp = torch.nn.Sequential(torch.nn.Linear(DIM, 2 * DIM), torch.nn.GELU(), torch.nn.Linear(2 * DIM, DIM))
         self.register_buffer("slopes", torch.linspace(0.02, 0.2, heads))
 
     def forward(self, x, block_mask):
         B, S, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, DIM // self.heads).permute(2, 0, 3, 1, 4)
+        h = self.norm1(x)
+        q = self.q(h).view(B, S, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h).view(B, S, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
         slopes = self.slopes
 
         def alibi(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * (q_idx - kv_idx).abs()
 
-        attended = flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask)
+        attended = flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True)
         x = x + self.out(attended.transpose(1, 2).flatten(2))
         return x + self.mlp(self.norm2(x))
 
 
 class FlexDiT(torch.nn.Module):
-    def __init__(self, heads: int = 4, depth: int = 2):
+    def __init__(self, heads: int = 4):
         super().__init__()
         self.heads = heads
         self.embed = torch.nn.Linear(8, DIM)
         self.registers = torch.nn.Parameter(torch.randn(1, REGISTERS, DIM))
-        self.blocks = torch.nn.ModuleList(FlexBlock(heads) for _ in range(depth))
+        self.blocks = torch.nn.ModuleList([FlexBlock(heads, heads), FlexBlock(heads, heads // 2)])
         self.register_buffer("document", torch.arange(REGISTERS + TOKENS) * 3 // (REGISTERS + TOKENS))
         self.proj = torch.nn.Linear(DIM, 8)
 
@@ -95,7 +98,7 @@ def test_flex_attention_that_cannot_run_ulysses_falls_back_reported(mesh, reason
     assert [s.strategy for s in report.attention_sites] == ["replicated", "replicated"]
     assert {(f.op, f.reason) for f in report.fallbacks} == {("flex_attention", reason)}
     assert report.fallbacks[0].source.startswith(f"{__file__}:"), report.fallbacks[0].source  # the model's line
-    assert report.fallbacks[0].source.endswith("flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask)")
+    assert report.fallbacks[0].source.endswith("flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True)")
 
 
 def test_flex_reads_the_indices_a_mod_uses_and_the_offset_shifts_the_head():
