@@ -62,10 +62,14 @@ def pytest_runtest_setup(item):
 
 
 def pytest_sessionfinish(session):
-    """The scripts still running when the session ends (interrupted) are killed, not waited for."""
+    """The scripts still running when the session ends (interrupted) are killed, not waited for; the
+    ranks' fork server is stopped."""
     import scripts
 
     scripts.stop()
+    ranks = sys.modules.get("ranks")
+    if ranks is not None:
+        ranks.stop()
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -77,6 +81,6 @@ def pytest_terminal_summary(terminalreporter):
             times = [seconds for (w, _), seconds in ranks.SECONDS.items() if w == world]
             wall, cpu = sum(t[0] for t in times), sum(t[1] for t in times)
             terminalreporter.write_line(f"{wall:7.2f}s {cpu:7.2f}s  world {world}: {len(times)} cases")
-        slowest = sorted(ranks.SECONDS.items(), key=lambda item: -item[1][0])[:15]
+        slowest = sorted(ranks.SECONDS.items(), key=lambda item: -item[1][0])[:25]
         for (world, name), (wall, cpu) in slowest:
             terminalreporter.write_line(f"{wall:7.2f}s {cpu:7.2f}s  world {world}  {name}")

@@ -1,9 +1,10 @@
 """The multi-process numeric tier: one spawn of N gloo ranks per world size runs every case
 registered for that size, and each test asserts on its own case.
 
-Spawning ranks costs seconds of start-up (torch, diffusers, Dynamo) per spawn; one spawn per world
-size pays it once, and the 3-rank cases, about a second of work, run on the first 3 ranks of the
-4-rank spawn (``HOSTED``) rather than pay for a spawn of their own. A case is a module-level
+Starting ranks costs seconds of imports (torch, diffusers, Dynamo) per process: the ranks are
+forked from one server that imported them once (``_context``), one spawn per world size, and the
+3-rank cases, about a second of work, run on the first 3 ranks of the 4-rank spawn (``HOSTED``)
+rather than pay for a spawn of their own. A case is a module-level
 function (the ranks import it by name) registered with ``add(world, name, fn, *args)`` when its
 test module is imported. On every rank of its world each case runs in a process group of its own
 (a case that raises halfway leaves nothing for the next one to trip on), and its result, or its
@@ -24,6 +25,7 @@ from __future__ import annotations
 import datetime
 import gc
 import io
+import multiprocessing.forkserver
 import os
 import queue
 import time
@@ -47,8 +49,14 @@ ORPHAN_TIMEOUT = 3600  # s a rank waits for the prepared cases: a rank whose par
 # all generations a tenth as often as Python's default (700, 10, 10) would.
 GC_THRESHOLDS = (700, 10, 100)
 
+# Imported once, by the ranks' fork server, before the test modules (which import them only inside
+# their functions): Inductor, and the diffusers models and VAEs (with torchao, which diffusers
+# imports whenever it is installed), about 3 s of CPU a rank
+HEAVY_MODULES = ("torch._inductor.compile_fx", "diffusers.models.transformers", "diffusers.models.autoencoders")
+
 _CASES: dict[int, dict[str, tuple]] = {}
 _SPAWNS: dict[int, "Spawn"] = {}
+_PRELOADED: list[bool] = []  # the fork server's modules are set once, before it starts
 SECONDS: dict[tuple[int, str], tuple[float, float]] = {}  # (world, case) -> rank 0's wall and CPU seconds
 
 
@@ -87,6 +95,39 @@ def start_all() -> None:
         start(world)
 
 
+def _context():
+    """The ranks of every spawn are forked from one server process that has imported, once, this
+    module, HEAVY_MODULES and the modules of every registered case (torch, Dynamo, diffusers,
+    para-fx, the test modules): a rank starts with them imported, where a spawned rank spent about
+    7 s of CPU importing them again on the 2-core machine. The server has run no torch operation:
+    no thread of OpenMP or of a process group is forked with it."""
+    ctx = mp.get_context("forkserver")
+    if not _PRELOADED:
+        modules = {fn.__module__ for cases in _CASES.values() for fn, _, _ in cases.values()}
+        ctx.set_forkserver_preload([__name__, *HEAVY_MODULES, *sorted(modules)])
+        # Python 3.11's fork server does not take this process's sys.path: the tests' folder and
+        # the repository root (tests/conftest.py) reach it through PYTHONPATH, while it starts
+        here = os.path.dirname(os.path.abspath(__file__))
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), *filter(None, [saved])])
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+        _PRELOADED.append(True)
+    return ctx
+
+
+def stop() -> None:
+    """Stop the fork server once the spawns have ended: reaped here, its ranks' CPU time counts in
+    this process's children (as ``time`` reports it), as spawned ranks' did."""
+    if _PRELOADED:
+        multiprocessing.forkserver._forkserver._stop()
+
+
 def result(world: int, name: str) -> list:
     """Every rank's return value of case ``name``; fails the calling test if a rank did not return one."""
     start(world)
@@ -113,7 +154,7 @@ class Spawn:
         self.results: dict[tuple[int, str], list] = {key: [None] * key[0] for key in self.cases}
         self.sent = self.done = False
         ready = [(key, fn, args) for key, (fn, args, prepared) in self.cases.items() if prepared is None]
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
         port = free_port()
         self.procs = [
