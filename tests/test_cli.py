@@ -1,7 +1,7 @@
-"""``python -m para_fx explain``: a user's factory in a subprocess, a built-in example, bad arguments."""
+"""``python -m para_fx explain``: a user's factory, a built-in example, bad arguments."""
 
 import re
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -11,15 +11,24 @@ from para_fx.inspect.cli import main
 from para_fx.testing import dits, zoo
 
 
-def test_explain_factory_in_subprocess_writes_html(tmp_path):
+def test_explain_factory_as_python_m_writes_html(tmp_path, monkeypatch, capsys):
+    """``python -m para_fx explain FILE:FACTORY ...``, run as Python's -m runs it (runpy, para_fx's
+    __main__ with these arguments), in this process: a process of its own cost 6 s of start-up on the
+    2-core machine. The entry point in a fresh process: tests/test_backend.py."""
     html = tmp_path / "report.html"
-    result = subprocess.run(
-        [sys.executable, "-m", "para_fx", "explain", f"{dits.__file__}:patch_dit",
-         "--world-size", "4", "--ulysses", "2", "--ring", "2", "--html", str(html)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the working directory the CLI makes importable
+    monkeypatch.setattr(sys, "argv", ["python -m para_fx", "explain", f"{dits.__file__}:patch_dit",
+                                      "--world-size", "4", "--ulysses", "2", "--ring", "2", "--html", str(html)])
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_module("para_fx", run_name="__main__", alter_sys=True)
+    finally:
+        torch._dynamo.reset()
+    captured = capsys.readouterr()
+    assert info.value.code == 0, captured.err[-3000:]
+    out = captured.out
     assert "attention sites (2, 2 split over the ranks):" in out
     assert len(re.findall(r"\n  \S+\s+hybrid\s", out)) == 2  # two rows of the sites' table
     assert "parallel: yes, all 2 attention sites split the tokens over the ranks (hybrid)" in out
@@ -64,7 +73,7 @@ def one_line_error(capsys, argv, usage):
 
 def test_a_missing_module_is_one_line_without_traceback(capsys, monkeypatch, tmp_path):
     """In this process: SystemExit with a message is Python's exit status 1 with the message on
-    stderr, and ``python -m para_fx`` runs this ``main`` (test_explain_factory_in_subprocess_writes_html)."""
+    stderr, and ``python -m para_fx`` runs this ``main`` (test_explain_factory_as_python_m_writes_html)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the working directory the CLI makes importable
     err = one_line_error(capsys, ["explain", "nosuchmod:make"], usage=False)
