@@ -1,6 +1,6 @@
 """explain on graphs as GPUs capture them, reproduced on the CPU: SDPA's math path (what CUDA runs
-where no fused kernel fits, e.g. a head dimension that is not a multiple of 8) and grouped-query
-attention kernels."""
+where no fused kernel fits, e.g. a head dimension that is not a multiple of 8: rewritten as one
+attention op again, passes/attention_patterns.py) and grouped-query attention kernels."""
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -10,13 +10,14 @@ from para_fx.inspect.report import attention_flops
 from para_fx.testing import dits
 
 
-def test_explain_says_why_an_attention_computed_as_matmuls_is_not_split():
+def test_sdpas_math_path_is_split_as_the_fused_kernels_are():
     model, kwargs = dits.patch_dit()
     with sdpa_kernel(SDPBackend.MATH):  # the capture sees bmm, softmax, bmm: no attention op
         report = para_fx.explain(model, kwargs=kwargs, world_size=2)
-    assert not report.attention_sites and not report.collectives
-    [note] = [n for n in report.notes if n.startswith("nothing split")]
-    assert "softmax at" in note and "dits.py" in note  # the model's own source line
+    assert [s.strategy for s in report.attention_sites] == ["ulysses", "ulysses"]
+    [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
+    assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
+    assert not [n for n in report.notes if n.startswith("nothing split")]
 
 
 def test_explain_splits_the_same_model_with_a_fused_attention():

@@ -27,6 +27,7 @@ from ..runtime.cache import CachedGraph
 from .capture import SubclassFlattener, capture_aten, flatten_subclasses, inline_helpers, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .static_inputs import mark_static_inputs, static_flags
+from ..passes.attention_patterns import recognize_attention
 from ..passes.cache import insert_first_block_cache
 from ..passes.fuse_projections import FusedWeights, fuse_projections
 from ..passes.schedule import overlap_collectives
@@ -301,6 +302,13 @@ def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Option
     report.add_graph("captured", graph)
     if options.mesh is None:
         return graph
+    recognized = recognize_attention(graph)
+    if recognized:
+        report.notes.append(
+            f"attention written as matmuls and a softmax, run as scaled_dot_product_attention: {len(recognized)} "
+            f"site(s), the first at {recognized[0].source}"
+        )
+        report.add_graph("recognize_attention", graph)
     info = mesh_info(options.mesh)
     for kind, parts, rank, group in (
         ("batch", info.batch, info.batch_rank, info.batch_group),

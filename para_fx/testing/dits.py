@@ -530,9 +530,38 @@ def linear_attention_dit(seed: int = 0, **kwargs):
     return model, inputs
 
 
+class MatmulAttention(nn.Module):
+    """Softmax attention written out, as reference DiTs often do: ``q @ k^T``, scaled after the
+    matmul, a learned per-head bias over (query, key) positions, softmax in fp32, ``@ v``."""
+
+    def __init__(self, attention: SelfAttention, tokens: int):
+        super().__init__()
+        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.qkv, self.proj = attention.qkv, attention.proj
+        self.position_bias = nn.Parameter(torch.randn(self.num_heads, tokens, tokens) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5 + self.position_bias
+        probabilities = scores.float().softmax(dim=-1).to(q.dtype)
+        out = probabilities @ v
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+def matmul_attention_dit(seed: int = 0, **kwargs):
+    """PatchDiT whose attention is written as matmuls and a softmax (:class:`MatmulAttention`)."""
+    model, inputs = patch_dit(seed, **kwargs)
+    torch.manual_seed(seed + 1)
+    for block in model.blocks:
+        block.attn = MatmulAttention(block.attn, model.grid[0] * model.grid[1])
+    return model, inputs
+
+
 FACTORIES = {
     "patch_dit": patch_dit,
     "linear_attention_dit": linear_attention_dit,
+    "matmul_attention_dit": matmul_attention_dit,
     "joint_dit": joint_dit,
     "fp8_patch_dit": fp8_patch_dit,
     "row_dit": row_dit,

@@ -1,0 +1,196 @@
+"""Attention written as matmuls and a softmax, rewritten as one ``scaled_dot_product_attention``.
+
+The shard pass splits the tokens starting from attention ops. A model that writes its attention by
+hand (``softmax(q @ k.transpose(-2, -1) * scale + bias) @ v``, as many reference DiTs do), or SDPA's
+math path (which CUDA takes where no fused kernel fits, e.g. a head dimension that is not a
+multiple of 8), reaches the capture as ``bmm``, ``softmax``, ``bmm``: with no attention op, nothing
+would be split. This pass finds that chain and replaces it with the attention op it computes, so
+the shard pass makes it a Ulysses or Ring site like any other; the runtime then also picks a fused
+kernel for it.
+
+Matched, from the second matmul backwards (each intermediate used only by the next, so nothing
+else reads the probabilities):
+
+    bmm(view(probabilities), view(v))   probabilities = [cast] softmax(scores, dim=-1) [cast]
+    scores = [cast] [add bias] [mul or div by a number] view(bmm(view(q), view(k^T)))
+
+where each ``view`` is a chain of ``view``/``_unsafe_view``/``clone``/``expand`` between a
+``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes. A scale applied to ``q`` or
+``k`` before the matmul stays in them. Anything else (dropout, a mask written with
+``masked_fill``, a bias added before the scale) is left as it is, and the graph keeps the existing
+behaviour: computed whole on every rank, with the note that says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from para_fx.inspect.report import source_line
+
+aten = torch.ops.aten
+
+_SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
+_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+_MULTIPLY = (aten.mul.Tensor, aten.mul.Scalar)
+_DIVIDE = (aten.div.Tensor, aten.div.Scalar)
+_FLATTENING = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+               aten.expand.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recognized:
+    """One rewritten attention: where its softmax was in the model's source."""
+
+    source: str
+
+
+def recognize_attention(gm: fx.GraphModule) -> list[Recognized]:
+    """Rewrite every matched chain in ``gm`` in place; what was rewritten, in graph order."""
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.target is aten.bmm.default and node.graph is gm.graph:
+            match = _match(node)
+            if match is not None:
+                found.append(Recognized(source_line(match.softmax)))
+                _rewrite(gm.graph, node, match)
+    if found:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _Match:
+    query: fx.Node  # [B, H, L, D]
+    key_t: fx.Node  # [B, H, D, S]
+    value: fx.Node  # [B, H, S, Dv]
+    bias: fx.Node | None  # broadcast to [B, H, L, S] (or to the flattened scores, see _match)
+    scale: float
+    softmax: fx.Node
+
+
+def _match(out_bmm: fx.Node) -> _Match | None:
+    probabilities, values = out_bmm.args
+    value = _unflattened(values)
+    chain = _through(probabilities, _FLATTENING + _CASTS)  # the probabilities back to the softmax
+    softmax = chain[-1]
+    if value is None or softmax.target not in _SOFTMAX or _softmax_dim(softmax) not in (-1, val(softmax).dim() - 1):
+        return None
+    logits = _through(softmax.args[0], _CASTS)
+    chain += logits
+    node, bias, scale = logits[-1], None, 1.0
+    if node.target is aten.add.Tensor and all(isinstance(x, fx.Node) for x in node.args):
+        x, y = node.args  # the scores on either side
+        node, bias = (x, y) if _scores(_unscaled(x)) is not None else (y, x)
+        chain.append(node)
+    if _unscaled(node) is not node:
+        factor = node.args[1]
+        node, scale = node.args[0], float(factor) if node.target in _MULTIPLY else 1.0 / factor
+        chain.append(node)
+    views = _scores(node)
+    if views is None or not all(len(n.users) == 1 for n in chain + views[:-1]):
+        return None  # something else reads the scores or the probabilities
+    query, key_t = (_unflattened(x) for x in views[-1].args)
+    if query is None or key_t is None or not math.isfinite(scale):
+        return None
+    q, k, v = val(query), val(key_t), val(value)
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2] and q.shape[3] == k.shape[2] and k.shape[3] == v.shape[2]):
+        return None
+    if bias is not None and (val(bias).dim() > 4 or not _broadcasts(val(bias).shape, (*q.shape[:3], k.shape[3]))
+                             or val(bias).dtype not in (torch.bool, q.dtype)):
+        return None  # SDPA takes a mask of the query's dtype; a cast would round the model's bias
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        return None
+    return _Match(query, key_t, value, bias, scale, softmax)
+
+
+def _unscaled(node: fx.Node) -> fx.Node:
+    """What ``node`` multiplies or divides by a nonzero number, or ``node`` itself."""
+    if node.target in _MULTIPLY + _DIVIDE:
+        factor = node.args[1]
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+    return node
+
+
+def _scores(node: fx.Node) -> list[fx.Node] | None:
+    """``node`` back through views to the scores' matmul (the chain, the matmul last), or None."""
+    chain = _through(node, (aten.view.default, aten._unsafe_view.default))
+    return chain if chain[-1].target is aten.bmm.default else None
+
+
+def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
+    """The attention op in place of ``out_bmm``: its ``[B, H, L, Dv]`` output replaces the view that
+    unflattened the matmul's, or is flattened as the matmul's was."""
+    with graph.inserting_before(out_bmm):
+        key = _untransposed(m.key_t) or _call(graph, aten.transpose.int, (m.key_t, -2, -1), m.softmax)
+        bias = m.bias
+        while bias is not None and val(bias).dim() < 4:  # the attention op's mask is [B|1, H|1, L, S]
+            bias = _call(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
+        kwargs = {"attn_mask": bias, "scale": m.scale}
+        attention = _call(graph, aten.scaled_dot_product_attention.default, (m.query, key, m.value), m.softmax, kwargs)
+        shape = tuple(val(attention).shape)
+        for user in list(out_bmm.users):
+            if user.target in (aten.view.default, aten._unsafe_view.default) and tuple(val(user).shape) == shape:
+                user.replace_all_uses_with(attention)
+        if out_bmm.users:  # read flattened too
+            dense = _call(graph, aten.clone.default, (attention,), m.softmax, {"memory_format": torch.contiguous_format})
+            flat = _call(graph, aten.view.default, (dense, list(val(out_bmm).shape)), m.softmax)
+            out_bmm.replace_all_uses_with(flat)
+
+
+def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
+    """A new node with its fake value and ``like``'s source (reports name the model's line)."""
+    node = graph.call_function(target, args, kwargs or {})
+    fake = [val(x) for x in args if isinstance(x, fx.Node)][0].fake_mode
+    with fake:
+        node.meta["val"] = target(*(val(a) if isinstance(a, fx.Node) else a for a in args),
+                                  **{k: val(v) if isinstance(v, fx.Node) else v for k, v in (kwargs or {}).items()})
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+def _untransposed(key_t: fx.Node) -> fx.Node | None:
+    """``k`` where ``key_t`` is ``k.transpose(-2, -1)`` of a 4-d ``k``."""
+    if key_t.target is aten.transpose.int and {d % 4 for d in key_t.args[1:3]} == {2, 3}:
+        return key_t.args[0]
+    return None
+
+
+def _unflattened(node: fx.Node) -> fx.Node | None:
+    """The ``[B, H, L, D]`` tensor that ``node`` (``[B*H, L, D]``) flattens, if a chain of views,
+    copies and expansions leads to one."""
+    want = val(node).shape
+    found = None
+    for candidate in _through(node, _FLATTENING):  # the furthest back: no copy left in front of the attention
+        shape = val(candidate).shape
+        if len(shape) == 4 and shape[0] * shape[1] == want[0] and tuple(shape[2:]) == tuple(want[1:]):
+            found = candidate
+    return found
+
+
+def _through(node: fx.Node, ops: tuple) -> list[fx.Node]:
+    """``node`` and its first arguments back through ``ops``, nearest first."""
+    chain = [node]
+    while chain[-1].op == "call_function" and chain[-1].target in ops and isinstance(chain[-1].args[0], fx.Node):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
+def _softmax_dim(node: fx.Node) -> Any:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def _broadcasts(shape, to) -> bool:
+    return all(a in (1, b) for a, b in zip(reversed(tuple(shape)), reversed(tuple(to))))
+
+
+def val(node: fx.Node):
+    return node.meta["val"]

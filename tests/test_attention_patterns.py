@@ -1,0 +1,99 @@
+"""Attention written as matmuls and a softmax (by the model, or by SDPA's math path) is rewritten as
+one scaled_dot_product_attention before the shard pass (passes/attention_patterns.py), so it is
+split as any attention is. Structure and the rewritten graph here; numbers on gloo ranks."""
+
+import re
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+
+import para_fx
+from para_fx.testing import dits
+import ranks
+
+
+class CausalMatmulAttention(nn.Module):
+    """A mask written with ``masked_fill``: a form the rewrite leaves alone."""
+
+    def __init__(self, attention: dits.SelfAttention):
+        super().__init__()
+        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.qkv, self.proj = attention.qkv, attention.proj
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
+        future = torch.ones(S, S, dtype=torch.bool).triu(1)
+        out = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+@pytest.mark.parametrize("ring, ulysses, strategy", [(1, 2, "ulysses"), (2, 1, "ring")])
+def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strategy):
+    model, kwargs = dits.matmul_attention_dit()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ring=ring, ulysses=ulysses)
+    assert [s.strategy for s in report.attention_sites] == [strategy, strategy]
+    assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
+    [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
+    assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
+
+
+def test_a_form_not_recognised_is_left_whole_and_said_so():
+    model, kwargs = dits.patch_dit()
+    for block in model.blocks:
+        block.attn = CausalMatmulAttention(block.attn)
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    assert not report.attention_sites and not report.collectives
+    assert not [n for n in report.notes if n.startswith("attention written as matmuls")]
+    [note] = [n for n in report.notes if n.startswith("nothing split")]
+    assert "softmax at" in note
+
+
+def test_without_a_mesh_the_graph_keeps_the_models_matmuls():
+    model, kwargs = dits.matmul_attention_dit()
+    report = para_fx.explain(model, kwargs=kwargs)
+    assert "recognize_attention" not in report.graphs
+
+
+class TestRewrittenGraph(expecttest.TestCase):
+    def test_the_chain_becomes_one_attention_with_the_models_scale_and_bias(self):
+        model, kwargs = dits.matmul_attention_dit(depth=1)
+        report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+        rows = [r for r in report.passes()["recognize_attention"].rows if r.module == "blocks.0.attn"]
+        lines = "\n".join(r.line() for r in rows if not re.search(r"= aten\.(t|addmm)\(", r.line()))
+        self.assertExpectedInline(lines, """\
+view_3 = aten.view(view_2, [2, 35, 3, 4, 16])  # f32[2, 35, 3, 4, 16]  blocks.0.attn
+permute = aten.permute(view_3, [2, 0, 3, 1, 4])  # f32[3, 2, 4, 35, 16]  blocks.0.attn
+select = aten.select.int(permute, 0, 0)  # f32[2, 4, 35, 16]  blocks.0.attn
+select_1 = aten.select.int(permute, 0, 1)  # f32[2, 4, 35, 16]  blocks.0.attn
+select_2 = aten.select.int(permute, 0, 2)  # f32[2, 4, 35, 16]  blocks.0.attn
+unsqueeze_default = aten.unsqueeze(blocks_0_attn_position_bias, 0)  # f32[1, 4, 35, 35]  blocks.0.attn
+scaled_dot_product_attention_default = aten.scaled_dot_product_attention(select, select_1, select_2, attn_mask=unsqueeze_default, scale=0.25)  # f32[2, 4, 35, 16]  blocks.0.attn
+transpose_2 = aten.transpose.int(scaled_dot_product_attention_default, 1, 2)  # f32[2, 35, 4, 16]  blocks.0.attn
+clone_3 = aten.clone(transpose_2, memory_format=torch.contiguous_format)  # f32[2, 35, 4, 16]  blocks.0.attn
+_unsafe_view_5 = aten._unsafe_view(clone_3, [2, 35, 64])  # f32[2, 35, 64]  blocks.0.attn""")
+
+
+def matmul_attention_error(ring: int, ulysses: int) -> float:
+    """Relative max error of the 2-rank output against the single-process one (fp32)."""
+    mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
+    model, kwargs = dits.matmul_attention_dit(depth=1)
+    compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
+    with torch.no_grad():
+        expected = model(**kwargs)
+        return ((compiled(**kwargs) - expected).abs().max() / expected.abs().max()).item()
+
+
+MESHES = {"Ulysses 2": (1, 2), "Ring 2": (2, 1)}
+for _label, (_ring, _ulysses) in MESHES.items():
+    ranks.add(2, f"matmul attention {_label}", matmul_attention_error, _ring, _ulysses)
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("label", MESHES)
+def test_matmul_attention_matches_one_process(label):
+    errors = ranks.result(2, f"matmul attention {label}")
+    assert max(errors) <= 1e-4, errors
