@@ -11,14 +11,16 @@ kernel for it.
 Matched, from the second matmul backwards (each intermediate used only by the next, so nothing
 else reads the probabilities):
 
-    bmm(view(probabilities), view(v))   probabilities = [cast] softmax(scores, dim=-1) [cast]
-    scores = [cast] [add bias] [mul or div by a number] view(bmm(view(q), view(k^T)))
+    bmm(view(probabilities), view(v))   probabilities = [cast] softmax(logits, dim=-1) [cast]
+    logits = [cast] [masked_fill(hidden, -inf)] [+ bias] [* or / a number] view(bmm(view(q), view(k^T)))
 
 where each ``view`` is a chain of ``view``/``_unsafe_view``/``clone``/``expand`` between a
 ``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes. A scale applied to ``q`` or
-``k`` before the matmul stays in them. Anything else (dropout, a mask written with
-``masked_fill``, a bias added before the scale) is left as it is, and the graph keeps the existing
-behaviour: computed whole on every rank, with the note that says so.
+``k`` before the matmul stays in them; a ``masked_fill`` counts as hiding keys where its value is
+``-inf`` or at most :data:`HIDDEN_BELOW` (the same softmax, except in a row that hides every key:
+there the hand-written form averages the values, or gives NaN, and the attention op gives 0).
+Anything else (dropout, a bias added before the scale, a bias of another dtype) is left as it is,
+and the graph keeps the existing behaviour: computed whole on every rank, with the note that says so.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ aten = torch.ops.aten
 
 _SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
 _CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+HIDDEN_BELOW = -1e4  # a masked_fill value at or below this hides the key: exp(-1e4 - score) is 0 in fp32
 _MULTIPLY = (aten.mul.Tensor, aten.mul.Scalar)
 _DIVIDE = (aten.div.Tensor, aten.div.Scalar)
 _FLATTENING = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
@@ -69,7 +72,8 @@ class _Match:
     query: fx.Node  # [B, H, L, D]
     key_t: fx.Node  # [B, H, D, S]
     value: fx.Node  # [B, H, S, Dv]
-    bias: fx.Node | None  # broadcast to [B, H, L, S] (or to the flattened scores, see _match)
+    bias: fx.Node | None  # added to the scores, broadcast to [B, H, L, S]
+    hidden: fx.Node | None  # True where a key is hidden from a query, broadcast to [B, H, L, S]
     scale: float
     softmax: fx.Node
 
@@ -83,7 +87,10 @@ def _match(out_bmm: fx.Node) -> _Match | None:
         return None
     logits = _through(softmax.args[0], _CASTS)
     chain += logits
-    node, bias, scale = logits[-1], None, 1.0
+    node, bias, hidden, scale = logits[-1], None, None, 1.0
+    if node.target is aten.masked_fill.Scalar and _hides(node):
+        node, hidden = node.args[0], node.args[1]
+        chain.append(node)
     if node.target is aten.add.Tensor and all(isinstance(x, fx.Node) for x in node.args):
         x, y = node.args  # the scores on either side
         node, bias = (x, y) if _scores(_unscaled(x)) is not None else (y, x)
@@ -101,12 +108,22 @@ def _match(out_bmm: fx.Node) -> _Match | None:
     q, k, v = val(query), val(key_t), val(value)
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2] and q.shape[3] == k.shape[2] and k.shape[3] == v.shape[2]):
         return None
-    if bias is not None and (val(bias).dim() > 4 or not _broadcasts(val(bias).shape, (*q.shape[:3], k.shape[3]))
-                             or val(bias).dtype not in (torch.bool, q.dtype)):
-        return None  # SDPA takes a mask of the query's dtype; a cast would round the model's bias
+    scores_shape = (*q.shape[:3], k.shape[3])
+    if bias is not None and not (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == q.dtype):
+        return None  # SDPA takes a float mask of the query's dtype; a cast would round the model's bias
+    if hidden is not None and not _broadcasts(val(hidden).shape, scores_shape):
+        return None
     if q.dtype != k.dtype or k.dtype != v.dtype:
         return None
-    return _Match(query, key_t, value, bias, scale, softmax)
+    return _Match(query, key_t, value, bias, hidden, scale, softmax)
+
+
+def _hides(masked_fill: fx.Node) -> bool:
+    """Whether a ``masked_fill`` of the scores hides keys: a boolean mask filled with a value that no
+    softmax weight survives (``-inf``, or so far below any score that its exponential is 0)."""
+    mask, fill = masked_fill.args[1:3]
+    return (isinstance(mask, fx.Node) and val(mask).dtype == torch.bool and isinstance(fill, (int, float))
+            and fill <= HIDDEN_BELOW)
 
 
 def _unscaled(node: fx.Node) -> fx.Node:
@@ -130,6 +147,9 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
     with graph.inserting_before(out_bmm):
         key = _untransposed(m.key_t) or _call(graph, aten.transpose.int, (m.key_t, -2, -1), m.softmax)
         bias = m.bias
+        if m.hidden is not None:  # one mask: hidden keys -inf in the bias, or False in a boolean mask
+            bias = (_call(graph, aten.logical_not.default, (m.hidden,), m.softmax) if bias is None else
+                    _call(graph, aten.where.ScalarSelf, (m.hidden, -math.inf, bias), m.softmax))
         while bias is not None and val(bias).dim() < 4:  # the attention op's mask is [B|1, H|1, L, S]
             bias = _call(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
         kwargs = {"attn_mask": bias, "scale": m.scale}

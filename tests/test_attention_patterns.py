@@ -10,25 +10,36 @@ import torch
 import torch.nn as nn
 
 import para_fx
+from para_fx.runtime.attention import attention, attention_with_lse
 from para_fx.testing import dits
 import ranks
 
 
 class CausalMatmulAttention(nn.Module):
-    """A mask written with ``masked_fill``: a form the rewrite leaves alone."""
+    """Causal attention written out: the future hidden with ``masked_fill``, the scale given as a
+    tensor (``scale_as_tensor``: a form the rewrite leaves alone)."""
 
-    def __init__(self, attention: dits.SelfAttention):
+    def __init__(self, attention: dits.SelfAttention, scale_as_tensor: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
         self.qkv, self.proj = attention.qkv, attention.proj
+        scale = self.head_dim**-0.5
+        self.register_buffer("scale", torch.tensor(scale)) if scale_as_tensor else setattr(self, "scale", scale)
 
     def forward(self, x):
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
-        future = torch.ones(S, S, dtype=torch.bool).triu(1)
+        scores = q @ k.transpose(-2, -1) * self.scale
+        future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
         out = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+def causal_matmul_dit(scale_as_tensor: bool = False, **kwargs):
+    model, inputs = dits.patch_dit(**kwargs)
+    for block in model.blocks:
+        block.attn = CausalMatmulAttention(block.attn, scale_as_tensor)
+    return model, inputs
 
 
 @pytest.mark.parametrize("ring, ulysses, strategy", [(1, 2, "ulysses"), (2, 1, "ring")])
@@ -41,10 +52,16 @@ def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strateg
     assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
 
 
+def test_keys_hidden_with_masked_fill_become_the_attention_mask():
+    model, kwargs = causal_matmul_dit()
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ring=2, ulysses=1)
+    assert [s.strategy for s in report.attention_sites] == ["ring", "ring"]
+    rows = report.passes()["recognize_attention"].rows
+    assert any("aten.logical_not(" in r.line() for r in rows if r.module == "blocks.0.attn")
+
+
 def test_a_form_not_recognised_is_left_whole_and_said_so():
-    model, kwargs = dits.patch_dit()
-    for block in model.blocks:
-        block.attn = CausalMatmulAttention(block.attn)
+    model, kwargs = causal_matmul_dit(scale_as_tensor=True)
     report = para_fx.explain(model, kwargs=kwargs, world_size=2)
     assert not report.attention_sites and not report.collectives
     assert not [n for n in report.notes if n.startswith("attention written as matmuls")]
@@ -56,6 +73,15 @@ def test_without_a_mesh_the_graph_keeps_the_models_matmuls():
     model, kwargs = dits.matmul_attention_dit()
     report = para_fx.explain(model, kwargs=kwargs)
     assert "recognize_attention" not in report.graphs
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_a_boolean_mask_hides_keys_as_sdpa_reads_it(with_lse):
+    q, k, v = torch.randn(3, 1, 2, 6, 8).unbind(0)
+    visible = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]  # True = attend
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    got = attention_with_lse(q, k, v, visible, 8**-0.5)[0] if with_lse else attention(q, k, v, visible, 8**-0.5)
+    torch.testing.assert_close(got, want)
 
 
 class TestRewrittenGraph(expecttest.TestCase):
@@ -77,23 +103,25 @@ clone_3 = aten.clone(transpose_2, memory_format=torch.contiguous_format)  # f32[
 _unsafe_view_5 = aten._unsafe_view(clone_3, [2, 35, 64])  # f32[2, 35, 64]  blocks.0.attn""")
 
 
-def matmul_attention_error(ring: int, ulysses: int) -> float:
+def matmul_attention_error(ring: int, ulysses: int, causal: bool) -> float:
     """Relative max error of the 2-rank output against the single-process one (fp32)."""
     mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
-    model, kwargs = dits.matmul_attention_dit(depth=1)
+    model, kwargs = causal_matmul_dit(depth=1) if causal else dits.matmul_attention_dit(depth=1)
     compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
     with torch.no_grad():
         expected = model(**kwargs)
         return ((compiled(**kwargs) - expected).abs().max() / expected.abs().max()).item()
 
 
-MESHES = {"Ulysses 2": (1, 2), "Ring 2": (2, 1)}
-for _label, (_ring, _ulysses) in MESHES.items():
-    ranks.add(2, f"matmul attention {_label}", matmul_attention_error, _ring, _ulysses)
+# (ring, ulysses, causal): the learned bias on both meshes, the hidden future keys on Ring (its
+# blocks each see a part of the mask; Ulysses sees it whole)
+CASES = {"Ulysses 2": (1, 2, False), "Ring 2": (2, 1, False), "Ring 2 causal": (2, 1, True)}
+for _label, _case in CASES.items():
+    ranks.add(2, f"matmul attention {_label}", matmul_attention_error, *_case)
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("label", MESHES)
+@pytest.mark.parametrize("label", CASES)
 def test_matmul_attention_matches_one_process(label):
     errors = ranks.result(2, f"matmul attention {label}")
     assert max(errors) <= 1e-4, errors

@@ -462,7 +462,7 @@ def attention(q, k, v, bias: torch.Tensor | None, scale: float, causal: bool = F
     the mask. Rows whose keys are all masked give 0, as in :func:`attention_with_lse`. Key/value
     may have fewer heads than the query (grouped-query)."""
     if bias is not None:
-        bias = bias.to(q.dtype)
+        bias = _additive(bias, q.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
@@ -479,7 +479,7 @@ def attention_with_lse(q, k, v, bias: torch.Tensor | None, scale: float, causal:
     query: the CPU kernel takes them as they are; on CUDA they are repeated to the query's count,
     as not every kernel that returns a log-sum-exp takes grouped heads."""
     if bias is not None:
-        bias = bias.to(q.dtype)
+        bias = _additive(bias, q.dtype)
     if q.device.type == "cuda":
         if k.shape[1] != q.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
@@ -492,6 +492,14 @@ def attention_with_lse(q, k, v, bias: torch.Tensor | None, scale: float, causal:
         lse = lse.masked_fill(~attended, float("-inf"))
         out = out.masked_fill(~attended[..., None], 0.0)
     return out, lse
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as the bias added to the scores: a boolean one (True = attend, as SDPA
+    reads it) as 0 and -inf, not as 1 and 0."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def lse_kernel(dtype: torch.dtype, head_dim: int, masked: bool, capability: tuple[int, int], cudnn_enabled: bool) -> str:
