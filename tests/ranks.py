@@ -2,7 +2,7 @@
 registered for that size, and each test asserts on its own case.
 
 Starting ranks costs seconds of imports (torch, diffusers, Dynamo) per process: the ranks are
-forked from one server that imported them once (``_context``), one spawn per world size, and the
+forked from one server that imported them once (``fork_context``), one spawn per world size, and the
 3-rank cases, about a second of work, run on the first 3 ranks of the 4-rank spawn (``HOSTED``)
 rather than pay for a spawn of their own. A case is a module-level
 function (the ranks import it by name) registered with ``add(world, name, fn, *args)`` when its
@@ -49,10 +49,10 @@ ORPHAN_TIMEOUT = 3600  # s a rank waits for the prepared cases: a rank whose par
 # all generations a tenth as often as Python's default (700, 10, 10) would.
 GC_THRESHOLDS = (700, 10, 100)
 
-# Imported once, by the ranks' fork server, before the test modules (which import them only inside
-# their functions): Inductor, and the diffusers models and VAEs (with torchao, which diffusers
-# imports whenever it is installed), about 3 s of CPU a rank
-HEAVY_MODULES = ("torch._inductor.compile_fx", "diffusers.models.transformers", "diffusers.models.autoencoders")
+# Imported once, by the ranks' fork server, before the test modules (which import some of them only
+# inside their functions): para-fx, Inductor, and the diffusers models and VAEs (with torchao, which
+# diffusers imports whenever it is installed), about 3 s of CPU a rank beside torch's and para-fx's
+HEAVY_MODULES = ("para_fx", "torch._inductor.compile_fx", "diffusers.models.transformers", "diffusers.models.autoencoders")
 
 _CASES: dict[int, dict[str, tuple]] = {}
 _SPAWNS: dict[int, "Spawn"] = {}
@@ -95,7 +95,7 @@ def start_all() -> None:
         start(world)
 
 
-def _context():
+def fork_context():
     """The ranks of every spawn are forked from one server process that has imported, once, this
     module, HEAVY_MODULES and the modules of every registered case (torch, Dynamo, diffusers,
     para-fx, the test modules): a rank starts with them imported, where a spawned rank spent about
@@ -154,7 +154,7 @@ class Spawn:
         self.results: dict[tuple[int, str], list] = {key: [None] * key[0] for key in self.cases}
         self.sent = self.done = False
         ready = [(key, fn, args) for key, (fn, args, prepared) in self.cases.items() if prepared is None]
-        ctx = _context()
+        ctx = fork_context()
         self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
         port = free_port()
         self.procs = [

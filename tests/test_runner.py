@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import para_fx.runtime.runner
 from para_fx.runtime.runner import RankDied, RequestFailed, Runner
+import ranks
 
-pytestmark = pytest.mark.ranks  # the runner spawns its own 2 ranks
+pytestmark = pytest.mark.ranks  # the runner starts its own 2 ranks
 
 
 def setup(rank, world_size):
@@ -48,10 +50,27 @@ def alive(pid):
         return False
 
 
+class ForkedRanks:
+    """torch.multiprocessing for the runner, whose "spawn" context is that of tests/ranks.py: ranks
+    forked from the server that imported torch and para-fx once. The four starts of this module's
+    runner (the first, a respawn, two restarts) started 8 processes that imported them again, about
+    4 s of CPU each on the 2-core machine. What the runner does with its processes is the same; its
+    own "spawn" start is what examples/serve.py runs (tests/test_readme.py)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.multiprocessing, name)
+
+    def get_context(self, method=None):
+        assert method == "spawn", method
+        return ranks.fork_context()
+
+
 @pytest.fixture(scope="module")
 def runner():
-    with Runner(setup, handle, world_size=2, timeout=30, setup_timeout=120, backend="gloo") as r:
-        yield r
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(para_fx.runtime.runner, "mp", ForkedRanks())
+        with Runner(setup, handle, world_size=2, timeout=30, setup_timeout=120, backend="gloo") as r:
+            yield r
 
 
 def test_returns_rank_zero_result_and_collective(runner):
