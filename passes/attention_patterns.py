@@ -15,7 +15,10 @@ else reads the probabilities):
     logits = [cast] [masked_fill(hidden, -inf)] [+ bias] [* or / a number] view(bmm(view(q), view(k^T)))
 
 where each ``view`` is a chain of ``view``/``_unsafe_view``/``clone``/``expand`` between a
-``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes. A scale applied to ``q`` or
+``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes; where no such tensor is
+found (``nn.MultiheadAttention`` reshapes straight to ``[B*H, L, D]``), the attention takes the
+matmul's operands as ``[1, B*H, L, D]``: every (sample, head) pair a head, which Ulysses splits
+as it splits heads. A scale applied to ``q`` or
 ``k`` before the matmul stays in them; a ``masked_fill`` counts as hiding keys where its value is
 ``-inf`` or at most :data:`HIDDEN_BELOW` (the same softmax, except in a row that hides every key:
 there the hand-written form averages the values, or gives NaN, and the attention op gives 0).
@@ -69,9 +72,9 @@ def recognize_attention(gm: fx.GraphModule) -> list[Recognized]:
 
 @dataclasses.dataclass(frozen=True)
 class _Match:
-    query: fx.Node  # [B, H, L, D]
-    key_t: fx.Node  # [B, H, D, S]
-    value: fx.Node  # [B, H, S, Dv]
+    query: fx.Node  # [B, H, L, D], or the matmul's own [B*H, L, D] where no such view is found
+    key_t: fx.Node  # [B, H, D, S] (or [B*H, D, S])
+    value: fx.Node  # [B, H, S, Dv] (or [B*H, S, Dv])
     bias: fx.Node | None  # added to the scores, broadcast to [B, H, L, S]
     hidden: fx.Node | None  # True where a key is hidden from a query, broadcast to [B, H, L, S]
     scale: float
@@ -80,10 +83,9 @@ class _Match:
 
 def _match(out_bmm: fx.Node) -> _Match | None:
     probabilities, values = out_bmm.args
-    value = _unflattened(values)
     chain = _through(probabilities, _FLATTENING + _CASTS)  # the probabilities back to the softmax
     softmax = chain[-1]
-    if value is None or softmax.target not in _SOFTMAX or _softmax_dim(softmax) not in (-1, val(softmax).dim() - 1):
+    if softmax.target not in _SOFTMAX or _softmax_dim(softmax) not in (-1, val(softmax).dim() - 1):
         return None
     logits = _through(softmax.args[0], _CASTS)
     chain += logits
@@ -102,18 +104,21 @@ def _match(out_bmm: fx.Node) -> _Match | None:
     views = _scores(node)
     if views is None or not all(len(n.users) == 1 for n in chain + views[:-1]):
         return None  # something else reads the scores or the probabilities
-    query, key_t = (_unflattened(x) for x in views[-1].args)
-    if query is None or key_t is None or not math.isfinite(scale):
+    operands = (*views[-1].args, values)
+    unflattened = [_unflattened(x) for x in operands]
+    query, key_t, value = operands if None in unflattened else unflattened
+    if not math.isfinite(scale):
         return None
-    q, k, v = val(query), val(key_t), val(value)
-    if not (q.shape[:2] == k.shape[:2] == v.shape[:2] and q.shape[3] == k.shape[2] and k.shape[3] == v.shape[2]):
+    q, k, v = (_four_dims(val(x).shape) for x in (query, key_t, value))
+    if not (q[:2] == k[:2] == v[:2] and q[3] == k[2] and k[3] == v[2]):
         return None
-    scores_shape = (*q.shape[:3], k.shape[3])
-    if bias is not None and not (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == q.dtype):
+    scores_shape = (*q[:3], k[3])
+    dtype = val(query).dtype
+    if bias is not None and not (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == dtype):
         return None  # SDPA takes a float mask of the query's dtype; a cast would round the model's bias
     if hidden is not None and not _broadcasts(val(hidden).shape, scores_shape):
         return None
-    if q.dtype != k.dtype or k.dtype != v.dtype:
+    if not val(key_t).dtype == val(value).dtype == dtype:
         return None
     return _Match(query, key_t, value, bias, hidden, scale, softmax)
 
@@ -146,6 +151,9 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
     unflattened the matmul's, or is flattened as the matmul's was."""
     with graph.inserting_before(out_bmm):
         key = _untransposed(m.key_t) or _call(graph, aten.transpose.int, (m.key_t, -2, -1), m.softmax)
+        query, key, value = m.query, key, m.value
+        if val(query).dim() == 3:  # no [B, H, ...] view to be found: the B*H matmuls as heads of one sample
+            query, key, value = (_call(graph, aten.unsqueeze.default, (x, 0), m.softmax) for x in (query, key, value))
         bias = m.bias
         if m.hidden is not None:  # one mask: hidden keys -inf in the bias, or False in a boolean mask
             bias = (_call(graph, aten.logical_not.default, (m.hidden,), m.softmax) if bias is None else
@@ -153,15 +161,19 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
         while bias is not None and val(bias).dim() < 4:  # the attention op's mask is [B|1, H|1, L, S]
             bias = _call(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
         kwargs = {"attn_mask": bias, "scale": m.scale}
-        attention = _call(graph, aten.scaled_dot_product_attention.default, (m.query, key, m.value), m.softmax, kwargs)
+        attention = _call(graph, aten.scaled_dot_product_attention.default, (query, key, value), m.softmax, kwargs)
         shape = tuple(val(attention).shape)
         for user in list(out_bmm.users):
             if user.target in (aten.view.default, aten._unsafe_view.default) and tuple(val(user).shape) == shape:
                 user.replace_all_uses_with(attention)
-        if out_bmm.users:  # read flattened too
+        if not out_bmm.users:
+            return
+        if val(m.query).dim() == 3:
+            flat = _call(graph, aten.squeeze.dim, (attention, 0), m.softmax)
+        else:  # read flattened too
             dense = _call(graph, aten.clone.default, (attention,), m.softmax, {"memory_format": torch.contiguous_format})
             flat = _call(graph, aten.view.default, (dense, list(val(out_bmm).shape)), m.softmax)
-            out_bmm.replace_all_uses_with(flat)
+        out_bmm.replace_all_uses_with(flat)
 
 
 def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
@@ -178,10 +190,16 @@ def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
 
 
 def _untransposed(key_t: fx.Node) -> fx.Node | None:
-    """``k`` where ``key_t`` is ``k.transpose(-2, -1)`` of a 4-d ``k``."""
-    if key_t.target is aten.transpose.int and {d % 4 for d in key_t.args[1:3]} == {2, 3}:
+    """``k`` where ``key_t`` is ``k.transpose(-2, -1)``."""
+    n = val(key_t).dim()
+    if key_t.target is aten.transpose.int and {d % n for d in key_t.args[1:3]} == {n - 2, n - 1}:
         return key_t.args[0]
     return None
+
+
+def _four_dims(shape) -> tuple[int, ...]:
+    """A ``[B*H, L, D]`` operand read as ``[1, B*H, L, D]``: every (sample, head) pair a head."""
+    return tuple(shape) if len(shape) == 4 else (1, *shape)
 
 
 def _unflattened(node: fx.Node) -> fx.Node | None:

@@ -16,6 +16,15 @@ from para_fx.testing import dits
 import ranks
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles the same DiT code with another attention: Dynamo's recompile limit would
+    otherwise be reached here or in a later file."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class CausalMatmulAttention(nn.Module):
     """Causal attention written out: the future hidden with ``masked_fill``, the scale given as a
     tensor (``scale_as_tensor``: a form the rewrite leaves alone)."""
@@ -43,9 +52,20 @@ def causal_matmul_dit(scale_as_tensor: bool = False, **kwargs):
     return model, inputs
 
 
+def test_sdpas_math_path_is_split_as_the_fused_kernels_are():
+    model, kwargs = dits.patch_dit()
+    with sdpa_kernel(SDPBackend.MATH):  # the capture sees bmm, softmax, bmm: no attention op
+        report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    assert [s.strategy for s in report.attention_sites] == ["ulysses", "ulysses"]
+    [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
+    assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
+    assert not [n for n in report.notes if n.startswith("nothing split")]
+
+
+@pytest.mark.parametrize("factory", [dits.matmul_attention_dit, dits.mha_dit], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("ring, ulysses, strategy", [(1, 2, "ulysses"), (2, 1, "ring")])
-def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strategy):
-    model, kwargs = dits.matmul_attention_dit()
+def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strategy, factory):
+    model, kwargs = factory()
     report = para_fx.explain(model, kwargs=kwargs, world_size=2, ring=ring, ulysses=ulysses)
     assert [s.strategy for s in report.attention_sites] == [strategy, strategy]
     assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
@@ -104,10 +124,13 @@ clone_3 = aten.clone(transpose_2, memory_format=torch.contiguous_format)  # f32[
 _unsafe_view_5 = aten._unsafe_view(clone_3, [2, 35, 64])  # f32[2, 35, 64]  blocks.0.attn""")
 
 
-def matmul_attention_error(ring: int, ulysses: int, causal: bool) -> float:
+FACTORIES = {"matmul": dits.matmul_attention_dit, "causal": causal_matmul_dit, "mha": dits.mha_dit}
+
+
+def matmul_attention_error(batch: int, ring: int, ulysses: int, form: str) -> float:
     """Relative max error of the 2-rank output against the single-process one (fp32)."""
-    mesh = para_fx.init_mesh(ring=ring, ulysses=ulysses)
-    model, kwargs = causal_matmul_dit(depth=1) if causal else dits.matmul_attention_dit(depth=1)
+    mesh = para_fx.init_mesh(batch=batch, ring=ring, ulysses=ulysses)
+    model, kwargs = FACTORIES[form](depth=1)
     compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
     with torch.no_grad():
         expected = model(**kwargs)
@@ -135,9 +158,16 @@ def test_sdpas_math_path_on_ring_matches_one_process():
     assert max(errors) <= 1e-4, errors
 
 
-# (ring, ulysses, causal): the learned bias on both meshes, the hidden future keys on Ring (its
-# blocks each see a part of the mask; Ulysses sees it whole)
-CASES = {"Ulysses 2": (1, 2, False), "Ring 2": (2, 1, False), "Ring 2 causal": (2, 1, True)}
+# (batch, ring, ulysses, form): the learned bias on both meshes, the hidden future keys on Ring (its
+# blocks each see a part of the mask; Ulysses sees it whole), nn.MultiheadAttention's [B*H, L, D]
+# matmuls (its (sample, head) pairs split as heads by Ulysses, and over the batch)
+CASES = {
+    "Ulysses 2": (1, 1, 2, "matmul"),
+    "Ring 2": (1, 2, 1, "matmul"),
+    "Ring 2 causal": (1, 2, 1, "causal"),
+    "nn.MultiheadAttention Ulysses 2": (1, 1, 2, "mha"),
+    "nn.MultiheadAttention batch 2": (2, 1, 1, "mha"),
+}
 for _label, _case in CASES.items():
     ranks.add(2, f"matmul attention {_label}", matmul_attention_error, *_case)
 

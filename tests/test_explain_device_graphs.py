@@ -1,23 +1,10 @@
-"""explain on graphs as GPUs capture them, reproduced on the CPU: SDPA's math path (what CUDA runs
-where no fused kernel fits, e.g. a head dimension that is not a multiple of 8: rewritten as one
-attention op again, passes/attention_patterns.py) and grouped-query attention kernels."""
-
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+"""explain on graphs as GPUs capture them, reproduced on the CPU: a fused attention, and the FLOPs
+of grouped-query attention kernels. (SDPA's math path, what CUDA runs where no fused kernel fits:
+tests/test_attention_patterns.py.)"""
 
 import para_fx
 from para_fx.inspect.report import attention_flops
 from para_fx.testing import dits
-
-
-def test_sdpas_math_path_is_split_as_the_fused_kernels_are():
-    model, kwargs = dits.patch_dit()
-    with sdpa_kernel(SDPBackend.MATH):  # the capture sees bmm, softmax, bmm: no attention op
-        report = para_fx.explain(model, kwargs=kwargs, world_size=2)
-    assert [s.strategy for s in report.attention_sites] == ["ulysses", "ulysses"]
-    [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
-    assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
-    assert not [n for n in report.notes if n.startswith("nothing split")]
 
 
 def test_explain_splits_the_same_model_with_a_fused_attention():

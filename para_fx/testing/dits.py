@@ -558,10 +558,33 @@ def matmul_attention_dit(seed: int = 0, **kwargs):
     return model, inputs
 
 
+class TorchMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` called as most code calls it, weights asked for (its default): it
+    then computes the attention as matmuls and a softmax over ``[B*H, L, D]``."""
+
+    def __init__(self, attention: SelfAttention):
+        super().__init__()
+        dim = attention.num_heads * attention.head_dim
+        self.attention = nn.MultiheadAttention(dim, attention.num_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x)[0]
+
+
+def mha_dit(seed: int = 0, **kwargs):
+    """PatchDiT whose attention is ``nn.MultiheadAttention`` (:class:`TorchMultiheadAttention`)."""
+    model, inputs = patch_dit(seed, **kwargs)
+    torch.manual_seed(seed + 1)
+    for block in model.blocks:
+        block.attn = TorchMultiheadAttention(block.attn)
+    return model, inputs
+
+
 FACTORIES = {
     "patch_dit": patch_dit,
     "linear_attention_dit": linear_attention_dit,
     "matmul_attention_dit": matmul_attention_dit,
+    "mha_dit": mha_dit,
     "joint_dit": joint_dit,
     "fp8_patch_dit": fp8_patch_dit,
     "row_dit": row_dit,
