@@ -14,16 +14,19 @@ else reads the probabilities):
     bmm(view(probabilities), view(v))   probabilities = [cast] softmax(logits, dim=-1) [cast]
     logits = [cast] [masked_fill(hidden, -inf)] [+ bias] [* or / a number] view(bmm(view(q), view(k^T)))
 
+(or ``baddbmm(bias, q, k^T, alpha=scale)``, as ``nn.MultiheadAttention`` with a mask writes it),
+
 where each ``view`` is a chain of ``view``/``_unsafe_view``/``clone``/``expand`` between a
-``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes; where no such tensor is
-found (``nn.MultiheadAttention`` reshapes straight to ``[B*H, L, D]``), the attention takes the
-matmul's operands as ``[1, B*H, L, D]``: every (sample, head) pair a head, which Ulysses splits
-as it splits heads. A scale applied to ``q`` or
-``k`` before the matmul stays in them; a ``masked_fill`` counts as hiding keys where its value is
+``[B, H, L, D]`` tensor and the ``[B*H, L, D]`` one the matmul takes. Where no such tensor is
+found (``nn.MultiheadAttention`` reshapes straight to ``[B*H, L, D]``), or the bias only fits the
+flattened scores, the attention takes the matmul's operands as ``[1, B*H, L, D]``: every (sample,
+head) pair a head, which Ulysses splits as it splits heads. A scale applied to ``q`` or ``k``
+before the matmul stays in them. A ``masked_fill`` counts as hiding keys where its value is
 ``-inf`` or at most :data:`HIDDEN_BELOW` (the same softmax, except in a row that hides every key:
 there the hand-written form averages the values, or gives NaN, and the attention op gives 0).
-Anything else (dropout, a bias added before the scale, a bias of another dtype) is left as it is,
-and the graph keeps the existing behaviour: computed whole on every rank, with the note that says so.
+Anything else (dropout, a bias added before the scale, a bias of another dtype) is left as it
+is, and the graph keeps the existing behaviour: computed whole on every rank, with the note that
+says so.
 """
 
 from __future__ import annotations
@@ -104,23 +107,37 @@ def _match(out_bmm: fx.Node) -> _Match | None:
     views = _scores(node)
     if views is None or not all(len(n.users) == 1 for n in chain + views[:-1]):
         return None  # something else reads the scores or the probabilities
-    operands = (*views[-1].args, values)
+    matmul = views[-1]
+    if matmul.target is aten.baddbmm.default:  # beta * input + alpha * (q @ k^T)
+        beta, alpha = matmul.kwargs.get("beta", 1), matmul.kwargs.get("alpha", 1)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (beta, alpha)):
+            return None
+        if beta:
+            if beta != 1 or bias is not None:
+                return None
+            bias = matmul.args[0]
+        scale *= alpha
+    operands = (*matmul.args[-2:], values)
     unflattened = [_unflattened(x) for x in operands]
-    query, key_t, value = operands if None in unflattened else unflattened
-    if not math.isfinite(scale):
-        return None
+    for query, key_t, value in ([unflattened] if None not in unflattened else []) + [operands]:
+        if _fits(query, key_t, value, bias, hidden, scale):
+            return _Match(query, key_t, value, bias, hidden, scale, softmax)
+    return None
+
+
+def _fits(query: fx.Node, key_t: fx.Node, value: fx.Node, bias, hidden, scale: float) -> bool:
+    """Whether the attention op computes this: shapes that agree, the bias and the hidden keys
+    broadcast to the scores, one dtype (SDPA takes a float mask of the query's dtype; a cast would
+    round the model's bias)."""
     q, k, v = (_four_dims(val(x).shape) for x in (query, key_t, value))
-    if not (q[:2] == k[:2] == v[:2] and q[3] == k[2] and k[3] == v[2]):
-        return None
-    scores_shape = (*q[:3], k[3])
-    dtype = val(query).dtype
-    if bias is not None and not (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == dtype):
-        return None  # SDPA takes a float mask of the query's dtype; a cast would round the model's bias
-    if hidden is not None and not _broadcasts(val(hidden).shape, scores_shape):
-        return None
-    if not val(key_t).dtype == val(value).dtype == dtype:
-        return None
-    return _Match(query, key_t, value, bias, hidden, scale, softmax)
+    if not (q[:2] == k[:2] == v[:2] and q[3] == k[2] and k[3] == v[2]) or not math.isfinite(scale):
+        return False
+    scores_shape, dtype = (*q[:3], k[3]), val(query).dtype
+    return (
+        (bias is None or (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == dtype))
+        and (hidden is None or _broadcasts(val(hidden).shape, scores_shape))
+        and val(key_t).dtype == val(value).dtype == dtype
+    )
 
 
 def _hides(masked_fill: fx.Node) -> bool:
@@ -143,7 +160,7 @@ def _unscaled(node: fx.Node) -> fx.Node:
 def _scores(node: fx.Node) -> list[fx.Node] | None:
     """``node`` back through views to the scores' matmul (the chain, the matmul last), or None."""
     chain = _through(node, (aten.view.default, aten._unsafe_view.default))
-    return chain if chain[-1].target is aten.bmm.default else None
+    return chain if chain[-1].target in (aten.bmm.default, aten.baddbmm.default) else None
 
 
 def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:

@@ -2,6 +2,7 @@
 one scaled_dot_product_attention before the shard pass (passes/attention_patterns.py), so it is
 split as any attention is. Structure and the rewritten graph here; numbers on gloo ranks."""
 
+import functools
 import re
 
 import expecttest
@@ -52,6 +53,14 @@ def causal_matmul_dit(scale_as_tensor: bool = False, **kwargs):
     return model, inputs
 
 
+FACTORIES = {
+    "matmul": dits.matmul_attention_dit,
+    "causal": causal_matmul_dit,
+    "mha": dits.mha_dit,
+    "mha padded": functools.partial(dits.mha_dit, padded_keys=3),
+}
+
+
 def test_sdpas_math_path_is_split_as_the_fused_kernels_are():
     model, kwargs = dits.patch_dit()
     with sdpa_kernel(SDPBackend.MATH):  # the capture sees bmm, softmax, bmm: no attention op
@@ -62,10 +71,10 @@ def test_sdpas_math_path_is_split_as_the_fused_kernels_are():
     assert not [n for n in report.notes if n.startswith("nothing split")]
 
 
-@pytest.mark.parametrize("factory", [dits.matmul_attention_dit, dits.mha_dit], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("factory", ["matmul", "mha", "mha padded"])
 @pytest.mark.parametrize("ring, ulysses, strategy", [(1, 2, "ulysses"), (2, 1, "ring")])
 def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strategy, factory):
-    model, kwargs = factory()
+    model, kwargs = FACTORIES[factory]()
     report = para_fx.explain(model, kwargs=kwargs, world_size=2, ring=ring, ulysses=ulysses)
     assert [s.strategy for s in report.attention_sites] == [strategy, strategy]
     assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
@@ -124,8 +133,6 @@ clone_3 = aten.clone(transpose_2, memory_format=torch.contiguous_format)  # f32[
 _unsafe_view_5 = aten._unsafe_view(clone_3, [2, 35, 64])  # f32[2, 35, 64]  blocks.0.attn""")
 
 
-FACTORIES = {"matmul": dits.matmul_attention_dit, "causal": causal_matmul_dit, "mha": dits.mha_dit}
-
 
 def matmul_attention_error(batch: int, ring: int, ulysses: int, form: str) -> float:
     """Relative max error of the 2-rank output against the single-process one (fp32)."""
@@ -167,6 +174,7 @@ CASES = {
     "Ring 2 causal": (1, 2, 1, "causal"),
     "nn.MultiheadAttention Ulysses 2": (1, 1, 2, "mha"),
     "nn.MultiheadAttention batch 2": (2, 1, 1, "mha"),
+    "nn.MultiheadAttention padded keys Ring 2": (1, 2, 1, "mha padded"),
 }
 for _label, _case in CASES.items():
     ranks.add(2, f"matmul attention {_label}", matmul_attention_error, *_case)

@@ -560,23 +560,29 @@ def matmul_attention_dit(seed: int = 0, **kwargs):
 
 class TorchMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` called as most code calls it, weights asked for (its default): it
-    then computes the attention as matmuls and a softmax over ``[B*H, L, D]``."""
+    then computes the attention as matmuls and a softmax over ``[B*H, L, D]``; with
+    ``padded_keys``, the last tokens hidden by a key padding mask (a ``baddbmm`` then)."""
 
-    def __init__(self, attention: SelfAttention):
+    def __init__(self, attention: SelfAttention, padded_keys: int = 0):
         super().__init__()
         dim = attention.num_heads * attention.head_dim
         self.attention = nn.MultiheadAttention(dim, attention.num_heads, batch_first=True)
+        self.padded_keys = padded_keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x, x, x)[0]
+        padding = None
+        if self.padded_keys:
+            positions = torch.arange(x.shape[1], device=x.device)
+            padding = (positions >= x.shape[1] - self.padded_keys).expand(x.shape[0], -1)
+        return self.attention(x, x, x, key_padding_mask=padding)[0]
 
 
-def mha_dit(seed: int = 0, **kwargs):
+def mha_dit(seed: int = 0, padded_keys: int = 0, **kwargs):
     """PatchDiT whose attention is ``nn.MultiheadAttention`` (:class:`TorchMultiheadAttention`)."""
     model, inputs = patch_dit(seed, **kwargs)
     torch.manual_seed(seed + 1)
     for block in model.blocks:
-        block.attn = TorchMultiheadAttention(block.attn)
+        block.attn = TorchMultiheadAttention(block.attn, padded_keys)
     return model, inputs
 
 
