@@ -27,7 +27,7 @@ TIMEOUT = 600  # s from a script's start
 
 # Wall seconds each script took, two at a time, in the scripts tier alone on the 2-core machine
 # (2026-12-01): the longest start first, so that the last to finish is a short one
-SECONDS = {"demo without torchao": 39, "cache": 21, "example plain_dit": 18, "pipeline": 18, "serve": 12}
+SECONDS = {"demo without torchao": 39, "cache": 21, "example plain_dit": 18, "pipeline": 18, "usage": 15, "serve": 12}
 
 _COMMANDS: dict[str, tuple[list[str], dict[str, str] | None]] = {}
 _RUNS: dict[str, concurrent.futures.Future] = {}
