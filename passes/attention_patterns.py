@@ -107,6 +107,9 @@ def _match(out_bmm: fx.Node) -> _Match | None:
     views = _scores(node)
     if views is None or not all(len(n.users) == 1 for n in chain + views[:-1]):
         return None  # something else reads the scores or the probabilities
+    keys = val(views[-1]).shape[-1]
+    if any(val(n).shape[-1] != keys for n in chain + views):
+        return None  # a view that regroups the scores: the softmax would not run over each query's keys
     matmul = views[-1]
     if matmul.target is aten.baddbmm.default:  # beta * input + alpha * (q @ k^T)
         beta, alpha = matmul.kwargs.get("beta", 1), matmul.kwargs.get("alpha", 1)

@@ -90,6 +90,27 @@ def test_keys_hidden_with_masked_fill_become_the_attention_mask():
     assert any("aten.logical_not(" in r.line() for r in rows if r.module == "blocks.0.attn")
 
 
+class PooledSoftmaxAttention(CausalMatmulAttention):
+    """A softmax over every query's scores at once (not attention): the scores viewed as one row
+    per (sample, head) before the softmax."""
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)).view(B, self.num_heads, S * S).softmax(dim=-1)
+        out = scores.view(B, self.num_heads, S, S) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+def test_a_softmax_over_regrouped_scores_is_not_taken_for_attention():
+    model, kwargs = dits.patch_dit()
+    for block in model.blocks:
+        block.attn = PooledSoftmaxAttention(block.attn)
+    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    assert not report.attention_sites
+    assert not [n for n in report.notes if n.startswith("attention written as matmuls")]
+
+
 def test_a_form_not_recognised_is_left_whole_and_said_so():
     model, kwargs = causal_matmul_dit(scale_as_tensor=True)
     report = para_fx.explain(model, kwargs=kwargs, world_size=2)
