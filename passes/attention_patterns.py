@@ -62,7 +62,7 @@ def recognize_attention(gm: fx.GraphModule) -> list[Recognized]:
     """Rewrite every matched chain in ``gm`` in place; what was rewritten, in graph order."""
     found = []
     for node in list(gm.graph.nodes):
-        if node.target is aten.bmm.default and node.graph is gm.graph:
+        if node.target is aten.bmm.default:
             match = _match(node)
             if match is not None:
                 found.append(Recognized(source_line(match.softmax)))
@@ -154,9 +154,9 @@ def _hides(masked_fill: fx.Node) -> bool:
 def _unscaled(node: fx.Node) -> fx.Node:
     """What ``node`` multiplies or divides by a nonzero number, or ``node`` itself."""
     if node.target in _MULTIPLY + _DIVIDE:
-        factor = node.args[1]
-        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor and isinstance(node.args[0], fx.Node):
-            return node.args[0]
+        x, factor = node.args
+        if isinstance(x, fx.Node) and isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor:
+            return x
     return node
 
 
@@ -191,7 +191,8 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
         if val(m.query).dim() == 3:
             flat = _call(graph, aten.squeeze.dim, (attention, 0), m.softmax)
         else:  # read flattened too
-            dense = _call(graph, aten.clone.default, (attention,), m.softmax, {"memory_format": torch.contiguous_format})
+            contiguous = {"memory_format": torch.contiguous_format}
+            dense = _call(graph, aten.clone.default, (attention,), m.softmax, contiguous)
             flat = _call(graph, aten.view.default, (dense, list(val(out_bmm).shape)), m.softmax)
         out_bmm.replace_all_uses_with(flat)
 
