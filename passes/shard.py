@@ -327,15 +327,21 @@ def unsupported_flex(gm: fx.GraphModule, node: fx.Node, a: dict, spec: ShardSpec
         if shape(k)[0] != shape(q)[0]:
             return "flex attention with keys broadcast over the batch is not split over the batch"
         return None
-    info = spec.info
-    if info.ring > 1:
-        return f"flex attention runs Ulysses only, not Ring (this mesh's ring is {info.ring})"
+    info = flex_info(spec.info)
     heads = shape(q)[1]
     # padded heads would have head indices that the mods and the block mask do not know
     if (reads["h"] or any(shape(t)[1] > 1 for t in block_mask)) and heads % info.ulysses:
-        return (f"flex attention that tells heads apart needs its {heads} heads divisible by the Ulysses "
-                f"degree {info.ulysses}")
+        return (f"flex attention that tells heads apart needs its {heads} heads divisible by the "
+                f"{info.ulysses} ranks of the sequence")
     return None
+
+
+def flex_info(info: MeshInfo) -> MeshInfo:
+    """The mesh as flex attention runs on it: Ulysses over the whole sequence group (the ring's and
+    Ulysses' ranks together). It has no Ring schedule here (no log-sum-exp merge of block masks),
+    and Ulysses is exact for any block mask and score_mod."""
+    return dataclasses.replace(info, ring=1, ulysses=info.seq, ring_rank=0, ulysses_rank=info.seq_rank,
+                               ulysses_group=info.seq_group)
 
 
 def report_plan(gm: fx.GraphModule, p: Plan, report: Report) -> dict[fx.Node, int]:
@@ -462,10 +468,11 @@ class _Emitter:
         a = attention_args(node)
         q, k, v = a["query"], a["key"], a["value"]
         inputs = self._inputs(node, d)
-        info = dataclasses.astuple(self.spec.info)
+        whole = flex_info(self.spec.info)
+        info = dataclasses.astuple(whole)
         heads = shape(q)[1]
-        count = -(-heads // self.spec.info.ulysses)
-        first = self.spec.info.ulysses_rank * count
+        count = -(-heads // whole.ulysses)
+        first = whole.ulysses_rank * count
         layouts = dict(q_layout=d.inputs[q].layout, kv_layout=d.inputs[k].layout)
         moved = self._call(flex_to_heads_node, (inputs[q], inputs[k], inputs[v]), node, dict(info=info, **layouts))
         mark(moved, para_site=self.site_index[node])

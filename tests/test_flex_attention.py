@@ -75,20 +75,24 @@ def flex_dit(heads: int = 4, batch: int = 1):
     return FlexDiT(heads).eval(), torch.randn(batch, TOKENS, 8)
 
 
-def test_flex_attention_is_a_ulysses_site_with_no_fallback():
+@pytest.mark.parametrize("ring", [1, 2])  # on a ring, Ulysses over the ring's ranks too
+def test_flex_attention_is_a_ulysses_site_with_no_fallback(ring):
     model, x = flex_dit(batch=2)
     for rank in (0, 1):  # rank 1 runs its heads from 2 on: the mods are given the offset
         torch._dynamo.reset()
-        report = para_fx.explain(model, args=(x,), world_size=2, rank=rank)
+        report = para_fx.explain(model, args=(x,), world_size=2, ring=ring, ulysses=2 // ring, rank=rank)
         assert report.graph_count == 1
         assert [s.strategy for s in report.attention_sites] == ["ulysses", "ulysses"], report.attention_sites
         assert report.fallbacks == [], report.fallbacks
     torch._dynamo.reset()
 
 
+EIGHT_RANKS = "flex attention that tells heads apart needs its 4 heads divisible by the 8 ranks of the sequence"
+
+
 @pytest.mark.parametrize("mesh, reason", [
-    (dict(world_size=2, ring=2, ulysses=1), "flex attention runs Ulysses only, not Ring (this mesh's ring is 2)"),
-    (dict(world_size=8), "flex attention that tells heads apart needs its 4 heads divisible by the Ulysses degree 8"),
+    (dict(world_size=8), EIGHT_RANKS),
+    (dict(world_size=8, ring=2, ulysses=4), EIGHT_RANKS),
 ])
 def test_flex_attention_that_cannot_run_ulysses_falls_back_reported(mesh, reason):
     model, x = flex_dit()
@@ -126,21 +130,25 @@ def test_ulysses_gathers_segmented_tokens_into_global_order_and_back():
     assert torch.equal(_take(in_order, 2, ranges), gathered)
 
 
-def flex_dit_error(batch: int):
-    """Relative error of the 2- or 4-rank output against the single-process one (fp32)."""
+def flex_dit_error(batch: int, ring: int):
+    """Relative error of the 2- or 4-rank output against the single-process one (fp32); on a ring,
+    flex attention runs Ulysses over the ring's ranks too."""
     model, x = flex_dit(batch=batch)
-    compiled = torch.compile(model, backend=para_fx.backend(mesh=para_fx.init_mesh(), compiler="eager"))
+    world = 4 if batch == 1 else 2
+    mesh = para_fx.init_mesh(ring=ring, ulysses=world // ring)
+    compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
     with torch.no_grad():
         expected = model(x)
         return ((compiled(x) - expected).abs().max() / expected.abs().max()).item()
 
 
-ranks.add(2, "flex attention DiT batch 2", flex_dit_error, 2)
-ranks.add(4, "flex attention DiT", flex_dit_error, 1)
+ranks.add(2, "flex attention DiT Ring 2 batch 2", flex_dit_error, 2, 2)
+ranks.add(4, "flex attention DiT Ring 2 x Ulysses 2", flex_dit_error, 1, 2)
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("world, name", [(2, "flex attention DiT batch 2"), (4, "flex attention DiT")])
+@pytest.mark.parametrize("world, name", [(2, "flex attention DiT Ring 2 batch 2"),
+                                         (4, "flex attention DiT Ring 2 x Ulysses 2")])
 def test_flex_attention_ulysses_matches_one_process(world, name):
     errors = ranks.result(world, name)
     assert max(errors) <= 1e-4, errors
