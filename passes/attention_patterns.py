@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.fx as fx
 
+from para_fx.core.capture import propagate
 from para_fx.inspect.report import source_line
+
+from .shard_rules import Call, family, val
 
 aten = torch.ops.aten
 
-_SOFTMAX = (aten._softmax.default, aten._safe_softmax.default)
 _CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 HIDDEN_BELOW = -1e4  # a masked_fill value at or below this hides the key: exp(-1e4 - score) is 0 in fp32
 _MULTIPLY = (aten.mul.Tensor, aten.mul.Scalar)
@@ -88,7 +89,8 @@ def _match(out_bmm: fx.Node) -> _Match | None:
     probabilities, values = out_bmm.args
     chain = _through(probabilities, _FLATTENING + _CASTS)  # the probabilities back to the softmax
     softmax = chain[-1]
-    if softmax.target not in _SOFTMAX or _softmax_dim(softmax) not in (-1, val(softmax).dim() - 1):
+    ndim = val(softmax).dim()
+    if family(softmax.target) != "softmax" or Call(softmax).dim("dim", ndim) != ndim - 1:
         return None
     logits = _through(softmax.args[0], _CASTS)
     chain += logits
@@ -200,10 +202,7 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
 def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
     """A new node with its fake value and ``like``'s source (reports name the model's line)."""
     node = graph.call_function(target, args, kwargs or {})
-    fake = [val(x) for x in args if isinstance(x, fx.Node)][0].fake_mode
-    with fake:
-        node.meta["val"] = target(*(val(a) if isinstance(a, fx.Node) else a for a in args),
-                                  **{k: val(v) if isinstance(v, fx.Node) else v for k, v in (kwargs or {}).items()})
+    propagate(node)
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
@@ -243,13 +242,5 @@ def _through(node: fx.Node, ops: tuple) -> list[fx.Node]:
     return chain
 
 
-def _softmax_dim(node: fx.Node) -> Any:
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-
-
 def _broadcasts(shape, to) -> bool:
     return all(a in (1, b) for a, b in zip(reversed(tuple(shape)), reversed(tuple(to))))
-
-
-def val(node: fx.Node):
-    return node.meta["val"]

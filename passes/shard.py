@@ -366,8 +366,8 @@ def report_plan(gm: fx.GraphModule, p: Plan, report: Report) -> dict[fx.Node, in
 
 
 def _unsplit_attention_note(gm: fx.GraphModule) -> str | None:
-    """Why nothing is split in a graph that computes attention as matmuls and a softmax: the split
-    starts at attention ops, and SDPA's math path reaches the capture already decomposed."""
+    """Why nothing is split in a graph that computes attention as matmuls and a softmax in a form
+    that passes/attention_patterns.py does not rewrite: the split starts at attention ops."""
     if any(family(node.target) == "attention" for node in gm.graph.nodes):
         return None
     softmax = next((node for node in gm.graph.nodes if family(node.target) == "softmax"), None)
@@ -375,9 +375,9 @@ def _unsplit_attention_note(gm: fx.GraphModule) -> str | None:
         return None
     return (
         f"nothing split: no attention op in this graph, but a softmax at {source_line(softmax)}. An attention "
-        "computed as matmuls and a softmax is not split: a hand-written one, or SDPA's math path, which it takes "
-        "where no fused kernel fits (on CUDA, for example, a head dimension that is not a multiple of 8); "
-        "the tokens stay whole on every rank"
+        "computed as matmuls and a softmax is split only in the forms para rewrites as one attention op "
+        "(softmax(q @ k^T * scale + bias, masked_fill of hidden keys) @ v; not with dropout, a tensor scale "
+        "or a bias added before the scale); the tokens stay whole on every rank"
     )
 
 
