@@ -2,6 +2,7 @@ import gc
 import os
 import sys
 
+import pytest
 import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +23,16 @@ torch.set_num_threads(1)
 # million objects, 0.4 s each time): all generations are collected a tenth as often as Python's
 # default (700, 10, 10) would, as on the ranks (tests/ranks.py).
 gc.set_threshold(700, 10, 100)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles code other tests compile too (the same DiT with another attention, the
+    examples run in this process) starts and leaves Dynamo empty: its recompile limit would
+    otherwise be reached, here or in a later test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def pytest_collection_modifyitems(items):

@@ -16,14 +16,7 @@ from para_fx.runtime.attention import attention, attention_with_lse
 from para_fx.testing import dits
 import ranks
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles the same DiT code with another attention: Dynamo's recompile limit would
-    otherwise be reached here or in a later file."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # the same DiT code compiled with many attentions
 
 
 class CausalMatmulAttention(nn.Module):

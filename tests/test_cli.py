@@ -5,13 +5,12 @@ import runpy
 import sys
 
 import pytest
-import torch
 
 from para_fx.inspect.cli import main
 from para_fx.testing import dits, zoo
 
 
-def test_explain_factory_as_python_m_writes_html(tmp_path, monkeypatch, capsys):
+def test_explain_factory_as_python_m_writes_html(tmp_path, monkeypatch, capsys, fresh_dynamo):
     """``python -m para_fx explain FILE:FACTORY ...``, run as Python's -m runs it (runpy, para_fx's
     __main__ with these arguments), in this process: a process of its own cost 6 s of start-up on the
     2-core machine. The entry point in a fresh process: tests/test_backend.py."""
@@ -20,12 +19,8 @@ def test_explain_factory_as_python_m_writes_html(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the working directory the CLI makes importable
     monkeypatch.setattr(sys, "argv", ["python -m para_fx", "explain", f"{dits.__file__}:patch_dit",
                                       "--world-size", "4", "--ulysses", "2", "--ring", "2", "--html", str(html)])
-    torch._dynamo.reset()
-    try:
-        with pytest.raises(SystemExit) as info:
-            runpy.run_module("para_fx", run_name="__main__", alter_sys=True)
-    finally:
-        torch._dynamo.reset()
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("para_fx", run_name="__main__", alter_sys=True)
     captured = capsys.readouterr()
     assert info.value.code == 0, captured.err[-3000:]
     out = captured.out
@@ -37,10 +32,8 @@ def test_explain_factory_as_python_m_writes_html(tmp_path, monkeypatch, capsys):
     assert "<h2>attention sites (2, 2 split over the ranks)</h2>" in html.read_text()
 
 
-def test_explain_builtin_example_infers_the_world_size(capsys):
-    torch._dynamo.reset()
+def test_explain_builtin_example_infers_the_world_size(capsys, fresh_dynamo):
     assert main(["explain", "--example", "flux", "--ulysses", "2"]) == 0  # no --world-size: 2 ranks
-    torch._dynamo.reset()
     out = capsys.readouterr().out
     assert "attention sites (4, 4 split over the ranks):" in out
     assert "model: FluxTransformer2DModel on rank 0 of 2 (batch 1 x ring 1 x ulysses 2, simulated)" in out

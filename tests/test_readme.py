@@ -7,7 +7,6 @@ import runpy
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 import scripts
@@ -73,11 +72,7 @@ def in_this_process(path, folder, monkeypatch, capsys):
     """``python PATH`` run in ``folder``, here: its outcome as a script's (an exception fails the test)."""
     monkeypatch.chdir(folder)
     monkeypatch.setattr(sys, "argv", [path])
-    torch._dynamo.reset()
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        torch._dynamo.reset()
+    runpy.run_path(path, run_name="__main__")
     captured = capsys.readouterr()
     return scripts.Outcome(0, captured.out, captured.err, folder)
 
@@ -90,7 +85,7 @@ for _name, (_command, _) in RUNS.items():
 @pytest.mark.parametrize(
     "name", [pytest.param(name, marks=() if name == ONE_PROCESS else pytest.mark.scripts(name)) for name in RUNS]
 )
-def test_example_runs_as_written(name, tmp_path, monkeypatch, capsys):
+def test_example_runs_as_written(name, tmp_path, monkeypatch, capsys, fresh_dynamo):
     command, patterns = RUNS[name]
     result = in_this_process(absolute(command)[1], tmp_path, monkeypatch, capsys) if name == ONE_PROCESS else scripts.result(name)
     assert result.returncode == 0, result.log()
