@@ -111,7 +111,10 @@ class Bench:
     def profile(self, step: Callable[[dict], Any], inputs: list[dict]) -> dict:
         if not self.args.profile or self.device.type != "cuda":
             return {}
-        return {"profile": harness.kernel_profile(step, inputs, self.device)}
+        found = {"profile": harness.kernel_profile(step, inputs, self.device)}
+        if self.args.host_profile:
+            found["host"] = harness.host_profile(step, inputs)
+        return found
 
     def record(self, row: str, times: list[float], compile_s: float | None = None, **details) -> None:
         self.recorded.add(row)
@@ -480,6 +483,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
                         help="aot_eager checks the script's plumbing quickly (timings then mean nothing)")
     parser.add_argument("--profile", action="store_true", help="add a kernel profile of compiled rows (CUDA)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="with --profile: also the host's time per call with the GPU kept busy, and its "
+                             "Python functions by self time")
     parser.add_argument("--inductor-config", action="append", default=[], metavar="NAME=VALUE",
                         help="an Inductor config value for every compile of the run (repeatable), e.g. cpp_wrapper=True")
     parser.add_argument("--dynamo-config", action="append", default=[], metavar="NAME=VALUE",

@@ -285,6 +285,42 @@ def kernel_profile(step: Callable[[dict], Any], inputs: list[dict], device: torc
     }
 
 
+def host_profile(step: Callable[[dict], Any], inputs: list[dict], calls: int = 5, top: int = 20) -> dict:
+    """The host's own time per call, measured while a sleep kernel keeps the GPU busy so that no
+    call waits on the device (a call that synchronises shows up as about a second), and the Python
+    functions that take the most of it (cProfile, self time). This is the time a step costs before
+    its first kernel when the caller synchronises between steps, as step_times_ms does."""
+    import cProfile
+    import pstats
+
+    def busy_calls(n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles
+            begin = time.perf_counter()
+            step(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - begin) * 1e3)
+        torch.cuda.synchronize()
+        return times
+
+    with gpu_turn():
+        times = busy_calls(calls)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        busy_calls(calls)
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {
+        "host_ms_per_call": round(median(times), 3),
+        "host_ms_by_call": [round(t, 3) for t in times],
+        "top_python": [{"function": f"{os.path.basename(file)}:{line}({name})"[:160], "self_ms": round(tt * 1e3 / calls, 3),
+                        "cum_ms": round(ct * 1e3 / calls, 3), "calls": round(nc / calls, 1)}
+                       for (file, line, name), (_, nc, tt, ct, _) in ranked],
+    }
+
+
 def _host_ops(prof, calls: int, top: int) -> list[dict]:
     """The host ops that take the most of the host's own time (where a step short of kernels waits)."""
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
