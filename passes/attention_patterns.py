@@ -24,7 +24,7 @@ head) pair a head, which Ulysses splits as it splits heads. A scale applied to `
 before the matmul stays in them. A ``masked_fill`` counts as hiding keys where its value is
 ``-inf`` or at most :data:`HIDDEN_BELOW` (the same softmax, except in a row that hides every key:
 there the hand-written form averages the values, or gives NaN, and the attention op gives 0).
-Anything else (dropout, a bias added before the scale, a bias of another dtype) is left as it
+Anything else (dropout, a bias added before the scale, a bias in a wider dtype than the scores) is left as it
 is, and the graph keeps the existing behaviour: computed whole on every rank, with the note that
 says so.
 """
@@ -132,17 +132,24 @@ def _match(out_bmm: fx.Node) -> _Match | None:
 
 def _fits(query: fx.Node, key_t: fx.Node, value: fx.Node, bias, hidden, scale: float) -> bool:
     """Whether the attention op computes this: shapes that agree, the bias and the hidden keys
-    broadcast to the scores, one dtype (SDPA takes a float mask of the query's dtype; a cast would
-    round the model's bias)."""
+    broadcast to the scores, one dtype, or a bias that widens to it exactly (SDPA takes a float mask of the query's dtype;
+    a narrowing cast would round the model's bias)."""
     q, k, v = (_four_dims(val(x).shape) for x in (query, key_t, value))
     if not (q[:2] == k[:2] == v[:2] and q[3] == k[2] and k[3] == v[2]) or not math.isfinite(scale):
         return False
     scores_shape, dtype = (*q[:3], k[3]), val(query).dtype
     return (
-        (bias is None or (_broadcasts(val(bias).shape, scores_shape) and val(bias).dtype == dtype))
+        (bias is None or (_broadcasts(val(bias).shape, scores_shape) and _widens_exactly(val(bias).dtype, dtype)))
         and (hidden is None or _broadcasts(val(hidden).shape, scores_shape))
         and val(key_t).dtype == val(value).dtype == dtype
     )
+
+
+def _widens_exactly(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every value of ``source`` is one of ``target``: the same dtype, or a narrower float
+    (SDPA's math path runs half precision in float32 and adds the mask it built in half precision)."""
+    return source == target or (source.is_floating_point and torch.promote_types(source, target) == target
+                                and torch.finfo(source).bits < torch.finfo(target).bits)
 
 
 def _hides(masked_fill: fx.Node) -> bool:
@@ -180,6 +187,8 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
         if m.hidden is not None:  # one mask: hidden keys -inf in the bias, or False in a boolean mask
             bias = (_call(graph, aten.logical_not.default, (m.hidden,), m.softmax) if bias is None else
                     _call(graph, aten.where.ScalarSelf, (m.hidden, -math.inf, bias), m.softmax))
+        if bias is not None and val(bias).dtype not in (torch.bool, val(query).dtype):  # widened: exact
+            bias = _call(graph, aten._to_copy.default, (bias,), m.softmax, {"dtype": val(query).dtype})
         while bias is not None and val(bias).dim() < 4:  # the attention op's mask is [B|1, H|1, L, S]
             bias = _call(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
         kwargs = {"attn_mask": bias, "scale": m.scale}
