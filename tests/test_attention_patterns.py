@@ -48,6 +48,7 @@ def causal_matmul_dit(scale_as_tensor: bool = False, **kwargs):
 
 FACTORIES = {
     "matmul": dits.matmul_attention_dit,
+    "matmul 3 heads": functools.partial(dits.matmul_attention_dit, num_heads=3, dim=48),
     "causal": causal_matmul_dit,
     "mha": dits.mha_dit,
     "mha padded": functools.partial(dits.mha_dit, padded_keys=3),
@@ -213,11 +214,12 @@ def test_sdpas_masked_math_path_in_bf16_on_ring_matches_one_process():
     assert max(errors) <= 1e-2, errors
 
 
-# (batch, ring, ulysses, form): the learned bias on both meshes, the hidden future keys on Ring (its
+# (batch, ring, ulysses, form): the learned bias on both meshes (and with heads Ulysses does not divide), the hidden future keys on Ring (its
 # blocks each see a part of the mask; Ulysses sees it whole), nn.MultiheadAttention's [B*H, L, D]
 # matmuls (its (sample, head) pairs split as heads by Ulysses, and over the batch)
 CASES = {
     "Ulysses 2": (1, 1, 2, "matmul"),
+    "Ulysses 2, 3 heads": (1, 1, 2, "matmul 3 heads"),  # the per-head bias padded to 4 heads, 2 a rank
     "Ring 2": (1, 2, 1, "matmul"),
     "Ring 2 causal": (1, 2, 1, "causal"),
     "nn.MultiheadAttention Ulysses 2": (1, 1, 2, "mha"),

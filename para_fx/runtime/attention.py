@@ -362,10 +362,11 @@ def _heads_to_sequence(x: torch.Tensor, lens: list[int], heads: int, info: MeshI
 
 
 def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` zero-padded at the end of ``dim`` (negative or not) to ``size``."""
     extra = size - x.shape[dim]
     if extra == 0:
         return x
-    pad = [0, 0] * (-dim - 1) + [0, extra]
+    pad = [0, 0] * (x.dim() - dim % x.dim() - 1) + [0, extra]  # F.pad lists the last dim first
     return torch.nn.functional.pad(x, pad)
 
 
