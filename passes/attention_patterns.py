@@ -24,9 +24,9 @@ head) pair a head, which Ulysses splits as it splits heads. A scale applied to `
 before the matmul stays in them. A ``masked_fill`` counts as hiding keys where its value is
 ``-inf`` or at most :data:`HIDDEN_BELOW` (the same softmax, except in a row that hides every key:
 there the hand-written form averages the values, or gives NaN, and the attention op gives 0).
-Anything else (dropout, a bias added before the scale, a bias in a wider dtype than the scores) is left as it
-is, and the graph keeps the existing behaviour: computed whole on every rank, with the note that
-says so.
+Anything else (dropout, a bias added before the scale, a bias in a wider dtype than the scores) is
+left as it is, and the graph keeps the existing behaviour: computed whole on every rank, with the
+note that says so.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def _match(out_bmm: fx.Node) -> _Match | None:
 
 def _fits(query: fx.Node, key_t: fx.Node, value: fx.Node, bias, hidden, scale: float) -> bool:
     """Whether the attention op computes this: shapes that agree, the bias and the hidden keys
-    broadcast to the scores, one dtype, or a bias that widens to it exactly (SDPA takes a float mask of the query's dtype;
-    a narrowing cast would round the model's bias)."""
+    broadcast to the scores, one dtype, or a bias that widens to it exactly (SDPA takes a float mask
+    of the query's dtype; a narrowing cast would round the model's bias)."""
     q, k, v = (_four_dims(val(x).shape) for x in (query, key_t, value))
     if not (q[:2] == k[:2] == v[:2] and q[3] == k[2] and k[3] == v[2]) or not math.isfinite(scale):
         return False
