@@ -99,8 +99,7 @@ def _static(length: int | None) -> int | None:
 
 
 def _key_mask_to_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    return bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
+    return _additive(key_mask, dtype)[:, None, None, :]
 
 
 def _local_batch_mask(mask: torch.Tensor, local_batch: int, info: MeshInfo | None) -> torch.Tensor:
@@ -298,7 +297,7 @@ def _causal_block(block: BlockMask, q_ranges: list[tuple[int, int]], kv_ranges: 
     if block.bias is None and q_ranges == kv_ranges and _increasing(q_ranges):
         return BlockMask(causal=True)
     seen = _positions(kv_ranges, like.device)[None, :] <= _positions(q_ranges, like.device)[:, None]
-    bias = torch.zeros(seen.shape, dtype=like.dtype, device=like.device).masked_fill(~seen, float("-inf"))
+    bias = _additive(seen, like.dtype)
     return BlockMask(bias[None, None] if block.bias is None else block.bias + bias)
 
 
