@@ -154,27 +154,25 @@ clone_3 = aten.clone(transpose_2, memory_format=torch.contiguous_format)  # f32[
 _unsafe_view_5 = aten._unsafe_view(clone_3, [2, 35, 64])  # f32[2, 35, 64]  blocks.0.attn""")
 
 
-
-def matmul_attention_error(batch: int, ring: int, ulysses: int, form: str) -> float:
-    """Relative max error of the 2-rank output against the single-process one (fp32)."""
-    mesh = para_fx.init_mesh(batch=batch, ring=ring, ulysses=ulysses)
-    model, kwargs = FACTORIES[form](depth=1)
+def max_error_on(mesh, model, kwargs) -> float:
+    """Relative max error of ``model`` compiled on ``mesh`` against the same model in one process."""
     compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
     with torch.no_grad():
         expected = model(**kwargs)
         return ((compiled(**kwargs) - expected).abs().max() / expected.abs().max()).item()
 
 
+def matmul_attention_error(batch: int, ring: int, ulysses: int, form: str) -> float:
+    """Relative max error of the 2-rank output against the single-process one (fp32)."""
+    return max_error_on(para_fx.init_mesh(batch=batch, ring=ring, ulysses=ulysses), *FACTORIES[form](depth=1))
+
+
 def math_path_error() -> float:
     """The patch DiT with SDPA on its math path (as CUDA runs a head dimension no fused kernel
     takes) on Ring 2: relative max error against one process. (HunyuanVideo's padded text mask on
     the math path, Ulysses 2 and Ring 2, checked the same way by hand: 1.6e-7.)"""
-    mesh = para_fx.init_mesh(ring=2, ulysses=1)
-    model, kwargs = dits.patch_dit(depth=1)
-    compiled = torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager"))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        expected = model(**kwargs)
-        return ((compiled(**kwargs) - expected).abs().max() / expected.abs().max()).item()
+    with sdpa_kernel(SDPBackend.MATH):
+        return max_error_on(para_fx.init_mesh(ring=2, ulysses=1), *dits.patch_dit(depth=1))
 
 
 def masked_math_path_error() -> tuple[float, list[str]]:
@@ -208,9 +206,10 @@ def test_sdpas_masked_math_path_in_bf16_is_split_and_matches_one_process():
         assert error <= 1e-2, error
 
 
-# (batch, ring, ulysses, form): the learned bias on both meshes (and with heads Ulysses does not divide), the hidden future keys on Ring (its
-# blocks each see a part of the mask; Ulysses sees it whole), nn.MultiheadAttention's [B*H, L, D]
-# matmuls (its (sample, head) pairs split as heads by Ulysses, and over the batch)
+# (batch, ring, ulysses, form): the learned bias on both meshes (and with heads Ulysses does not
+# divide), the hidden future keys on Ring (its blocks each see a part of the mask; Ulysses sees it
+# whole), nn.MultiheadAttention's [B*H, L, D] matmuls (its (sample, head) pairs split as heads by
+# Ulysses, and over the batch)
 CASES = {
     "Ulysses 2": (1, 1, 2, "matmul"),
     "Ulysses 2, 3 heads": (1, 1, 2, "matmul 3 heads"),  # the per-head bias padded to 4 heads, 2 a rank
