@@ -27,6 +27,7 @@ from ..runtime.cache import CachedGraph
 from .capture import SubclassFlattener, capture_aten, flatten_subclasses, inline_helpers, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
 from .static_inputs import mark_static_inputs, static_flags
+from .weight_guards import LayoutCheck, take_over_weight_guards
 from ..passes.attention_patterns import recognize_attention
 from ..passes.cache import insert_first_block_cache
 from ..passes.fuse_projections import FusedWeights, fuse_projections
@@ -251,6 +252,12 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     graph = capture_aten(gm, example_inputs, scalars=scalar_reads(gm, example_inputs))
     subclass_inputs = any(is_traceable_wrapper_subclass(x) for x in example_inputs)
     flat_inputs = flatten_subclasses(example_inputs) if subclass_inputs else example_inputs
+    layouts = take_over_weight_guards(gm, example_inputs) if subclass_inputs else {}
+    if layouts:
+        report.notes.append(
+            f"quantized weights: Dynamo's Python guards on {len(layouts)} weight(s) replaced by para's check "
+            "of each replaced weight (para_fx/core/weight_guards.py)"
+        )
     static = static_flags(gm, example_inputs)
     graph = run_passes(graph, flat_inputs, options, report)
     user_inputs = len(flat_inputs)
@@ -279,7 +286,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     if fused is not None:
         compiled = fused.calling(compiled, user_inputs)
     if subclass_inputs:
-        compiled = _FlattenSubclasses(compiled, example_inputs)
+        compiled = _FlattenSubclasses(compiled, example_inputs, layouts, gm)
     if layout is not None:  # outside the flattening: the caller's parameters tell the model
         owner = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
         compiled = CachedGraph(compiled, layout, options.cache, owner)
@@ -289,9 +296,10 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
 class _FlattenSubclasses:
     """Calls a graph captured from tensor-subclass inputs with their inner tensors."""
 
-    def __init__(self, compiled: Callable[..., Any], example_inputs: Sequence[Any]):
+    def __init__(self, compiled: Callable[..., Any], example_inputs: Sequence[Any], layouts: dict[int, Any], gm: fx.GraphModule):
         self.compiled = compiled
-        self.flatten = SubclassFlattener(example_inputs)
+        names = [input_name(node) for node in gm.graph.find_nodes(op="placeholder")]
+        self.flatten = SubclassFlattener(example_inputs, LayoutCheck(layouts, names) if layouts else None)
 
     def __call__(self, *args: Any) -> Any:
         return self.compiled(*self.flatten(args))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -409,12 +409,14 @@ class SubclassFlattener:
     torchao's quantized weights are subclasses whose inner tensors the graph takes; flattening a
     few hundred of them costs milliseconds per call. The weights are the same objects every call,
     so each input's inner tensors are kept and reused while the input and every inner tensor are
-    still the objects they were (a reassigned inner tensor is flattened again; a changed layout is
-    Dynamo's to guard, and recompiles)."""
+    still the objects they were (a reassigned inner tensor is flattened again). ``on_new(position,
+    value)`` sees each input that is flattened anew: the backend checks there the layout of the
+    weights whose guards it took from Dynamo (:mod:`para_fx.core.weight_guards`)."""
 
-    def __init__(self, example_inputs: Sequence[Any]):
+    def __init__(self, example_inputs: Sequence[Any], on_new: Callable[[int, Any], None] | None = None):
         self.subclass_positions = [i for i, x in enumerate(example_inputs) if is_traceable_wrapper_subclass(x)]
         self.seen: dict[int, tuple[Any, list[tuple[Any, str, Any]], list[Any]]] = {}
+        self.on_new = on_new
 
     def __call__(self, values: Sequence[Any]) -> list[Any]:
         parts = {i: self._inner(i, values[i]) for i in self.subclass_positions}
@@ -424,6 +426,8 @@ class SubclassFlattener:
         seen = self.seen.get(position)
         if seen is not None and seen[0] is value and all(getattr(owner, name) is inner for owner, name, inner in seen[1]):
             return seen[2]
+        if self.on_new is not None:
+            self.on_new(position, value)
         links: list[tuple[Any, str, Any]] = []
         parts = _inner_tensors(value, links)
         self.seen[position] = (value, links, parts)

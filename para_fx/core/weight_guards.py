@@ -1,0 +1,104 @@
+"""Dynamo's Python guards on quantized weights, taken over by the backend.
+
+Dynamo guards every tensor-subclass input with two checks written in Python, run on every call:
+its ``__tensor_flatten__`` metadata, and its list of inner tensors. With torchao's fp8 weights
+(FLUX.1: 504 of them) that is two ``__tensor_flatten__`` calls per weight per call, milliseconds of
+host time that a step with CUDA graphs waits for. A model's weights are the same objects on every
+call, so the backend drops those two guards for the subclass *parameters* of a graph and checks
+them itself, where it is cheap: :class:`~para_fx.core.capture.SubclassFlattener` already notices a
+weight or inner tensor that was replaced, and only then is the new one's layout compared with the
+compiled one. A different layout raises (Dynamo would have recompiled; a graph built for another
+layout never runs). Dynamo's C++ guards stay: the weight's type and each inner tensor's shape,
+stride and dtype. Subclass inputs that are not parameters keep all their guards.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+# the two guard kinds Dynamo writes in Python for a tensor subclass (the second on
+# ``SubclassAttrListSource``: the names its ``__tensor_flatten__`` returns)
+_PYTHON_GUARDS = ("TENSOR_SUBCLASS_METADATA_MATCH", "EQUALS_MATCH")
+
+
+def layout(value: Any) -> Any:
+    """What Dynamo's guards on a subclass input describe: its type, inner tensors' names and
+    metadata (recursively), and each plain inner tensor's shape, stride, dtype and device."""
+    if not is_traceable_wrapper_subclass(value):
+        return tuple(value.shape), value.stride(), value.dtype, value.device
+    names, context = value.__tensor_flatten__()
+    return type(value), tuple(names), copy.deepcopy(context), tuple(layout(getattr(value, n)) for n in names)
+
+
+def same_layout(expected: Any, value: Any) -> bool:
+    if not is_traceable_wrapper_subclass(value):
+        return not isinstance(expected[0], type) and layout(value) == expected
+    cls, names, context, inner = expected
+    flat_names, flat_context = value.__tensor_flatten__()
+    if type(value) is not cls or tuple(flat_names) != names:
+        return False
+    matches = cls.__metadata_guard__(context, flat_context) if hasattr(cls, "__metadata_guard__") else flat_context == context
+    return matches and all(same_layout(e, getattr(value, n)) for e, n in zip(inner, names, strict=True))
+
+
+def take_over_weight_guards(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, Any]:
+    """Remove Dynamo's Python guards on the subclass parameters among ``gm``'s inputs from the frame
+    being compiled; their layouts by input position, for the caller to check on every new object.
+
+    Nothing is removed (and ``{}`` returned) outside a Dynamo compile: a graph compiled at call time
+    has no guards of its own."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None:
+        return {}
+    owned: dict[Any, int] = {}  # a parameter's source -> its input position
+    for position, (node, value) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is not None and isinstance(value, torch.nn.Parameter) and is_traceable_wrapper_subclass(value):
+            owned[source] = position
+    if not owned:
+        return {}
+    guards = context.guards_context.dynamo_guards
+    kept = [guard for guard in guards if not _python_guard_of(guard, owned)]
+    if len(kept) < len(guards):
+        guards.clear()
+        guards.update(kept)
+    return {position: layout(example_inputs[position]) for position in owned.values()}
+
+
+def _python_guard_of(guard: Any, owned: dict[Any, int]) -> bool:
+    """Whether ``guard`` is one of the two Python guards on an owned parameter or a subclass inside it."""
+    if guard.create_fn_name() not in _PYTHON_GUARDS:
+        return False
+    source = guard.originating_source
+    if guard.create_fn_name() == "EQUALS_MATCH":
+        if type(source).__name__ != "SubclassAttrListSource":
+            return False
+        source = source.base
+    while source is not None:
+        if source in owned:
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+class LayoutCheck:
+    """``SubclassFlattener``'s ``on_new``: a weight flattened anew must have its compiled layout."""
+
+    def __init__(self, layouts: dict[int, Any], names: Sequence[str]):
+        self.layouts = layouts
+        self.names = names
+
+    def __call__(self, position: int, value: Any) -> None:
+        expected = self.layouts.get(position)
+        if expected is not None and not same_layout(expected, value):
+            raise RuntimeError(
+                f"para_fx: the quantized weight {self.names[position]} was replaced by a {type(value).__name__} of "
+                f"another layout (metadata, inner tensors or their shapes) since the graph was compiled. para "
+                f"checks quantized weights itself instead of Dynamo, so it cannot recompile for the new one: "
+                f"call torch._dynamo.reset() and compile again after changing a model's quantization."
+            )

@@ -1,0 +1,64 @@
+"""The backend checks its quantized weights itself instead of Dynamo's Python guards
+(para_fx/core/weight_guards.py): no ``__tensor_flatten__`` per call, a replaced weight of the same
+layout used, one of another layout refused."""
+
+import pytest
+import torch
+
+import para_fx
+
+quantization = pytest.importorskip("torchao.quantization", reason="needs torchao")
+
+
+def _quantized_model(config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    quantization.quantize_(model, config)
+    return model
+
+
+def _flatten_calls(cls, run):
+    calls, flatten = [0], cls.__tensor_flatten__
+
+    def counting(self):
+        calls[0] += 1
+        return flatten(self)
+
+    cls.__tensor_flatten__ = counting
+    try:
+        run()
+    finally:
+        cls.__tensor_flatten__ = flatten
+    return calls[0]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_quantized_weights_are_checked_by_para_and_a_changed_layout_raises():
+    model = _quantized_model(quantization.Int8WeightOnlyConfig())
+    weight_type = type(model[0].weight)
+    compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        # Dynamo calls __tensor_flatten__ twice per weight on every call when it guards them
+        assert _flatten_calls(weight_type, lambda: compiled(x)) == 0
+
+    replacement = torch.nn.Linear(32, 16)  # other values, the same layout
+    quantization.quantize_(replacement, quantization.Int8WeightOnlyConfig())
+    model[2].weight = replacement.weight
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)  # the new weight, not the compiled one
+
+    other = torch.nn.Linear(32, 16)
+    quantization.quantize_(other, quantization.Int8DynamicActivationInt8WeightConfig())  # same shapes, activations quantized too
+    assert type(other.weight) is weight_type and other.weight.qdata.shape == model[2].weight.qdata.shape
+    model[2].weight = other.weight
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight was replaced .* another layout"):
+        compiled(x)
+
+
+def test_explain_reports_the_weights_it_guards():
+    model = _quantized_model(quantization.Int8WeightOnlyConfig())
+    with torch.no_grad():
+        report = para_fx.explain(model, (torch.randn(4, 16),))
+    assert "Dynamo's Python guards on 2 weight(s) replaced by para's check" in str(report)
