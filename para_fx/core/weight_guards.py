@@ -63,10 +63,11 @@ def take_over_weight_guards(gm: fx.GraphModule, example_inputs: Sequence[Any]) -
     if not owned:
         return {}
     guards = context.guards_context.dynamo_guards
-    kept = [guard for guard in guards if not _python_guard_of(guard, owned)]
-    if len(kept) < len(guards):
-        guards.clear()
-        guards.update(kept)
+    for guard in [guard for guard in guards.inner if _python_guard_of(guard, owned)]:
+        guards.inner.discard(guard)
+        by_source = getattr(guards, "source_to_guards", None)  # torch 2.13 indexes them; 2.11 does not
+        if by_source is not None:
+            by_source[guard.originating_source].remove(guard)
     return {position: layout(example_inputs[position]) for position in owned.values()}
 
 
