@@ -10,13 +10,14 @@ from para_fx.core.backend import OVERLAP_PASSES
 
 
 def compile_and_record(monkeypatch, **compile_kwargs):
-    """Compile a small model with the para backend; the Inductor config its scheduler saw."""
+    """Compile a small model with the para backend; the Inductor config its scheduler saw (inside
+    code generation: size_asserts too, read by one compile rather than a C++ build of its own)."""
     seen = []
     original = comms.reorder_compute_and_comm_for_overlap
 
     def record(nodes):
         seen.append(dict(passes=list(config.reorder_for_compute_comm_overlap_passes), max_autotune=config.max_autotune,
-                         epilogue_fusion=config.epilogue_fusion))
+                         epilogue_fusion=config.epilogue_fusion, size_asserts=config.size_asserts))
         return original(nodes)
 
     monkeypatch.setattr(comms, "reorder_compute_and_comm_for_overlap", record)
@@ -35,6 +36,8 @@ def test_overlap_passes_reach_inductor(monkeypatch):
     assert seen, "Inductor's scheduler never ran the comm/compute reordering"
     assert seen[0]["passes"] == [p for p in OVERLAP_PASSES if hasattr(comms, p)]
     assert seen[0]["passes"], "no overlap pass of para's list exists in this torch"
+    # Dynamo's guards check the inputs; Inductor's per-call size asserts are off by default
+    assert [s["size_asserts"] for s in seen] == [False]
 
 
 def test_mode_and_options_reach_inductor(monkeypatch):
@@ -43,9 +46,10 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     )
     assert seen and seen[0]["max_autotune"] is True
     seen = compile_and_record(
-        monkeypatch, backend="para", options={"epilogue_fusion": False}
+        monkeypatch, backend="para", options={"epilogue_fusion": False, "size_asserts": True}
     )
     assert seen and seen[0]["epilogue_fusion"] is False
+    assert [s["size_asserts"] for s in seen] == [True]  # unless asked (the default: test_overlap_passes_reach_inductor)
 
 
 def test_bad_mode_and_options_are_refused():
@@ -157,20 +161,3 @@ def test_a_shape_compiled_at_call_time_uses_inductors_graph_cache():
     first_cold, second_cold, first_warm, second_warm = outcomes
     assert first_cold == second_cold == {"fxgraph_cache_miss": 1}, outcomes
     assert first_warm == second_warm == {"fxgraph_cache_hit": 1}, outcomes
-
-
-def test_inputs_are_not_checked_again_in_inductors_wrapper_unless_asked(monkeypatch):
-    """Dynamo's guards check the inputs; Inductor's per-call size asserts are off by default."""
-    from torch._inductor import graph as inductor_graph
-
-    seen = []
-    original = inductor_graph.GraphLowering.codegen
-
-    def record(self, *args, **kwargs):
-        seen.append(config.size_asserts)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(inductor_graph.GraphLowering, "codegen", record)
-    compile_and_record(monkeypatch, backend=para_fx.backend())
-    compile_and_record(monkeypatch, backend="para", options={"size_asserts": True})
-    assert seen == [False, True]
