@@ -161,3 +161,24 @@ def test_a_shape_compiled_at_call_time_uses_inductors_graph_cache():
     first_cold, second_cold, first_warm, second_warm = outcomes
     assert first_cold == second_cold == {"fxgraph_cache_miss": 1}, outcomes
     assert first_warm == second_warm == {"fxgraph_cache_hit": 1}, outcomes
+
+
+def test_fp8_graphs_compile_with_each_rows_amax_unsplit_unless_asked():
+    """A quantised matmul's per-row amax and its quantisation become one kernel with Inductor's
+    split_reductions off (one H200: 4.4 ms less a FLUX step); explain says so; the user's own value wins."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from para_fx.core.backend import Options, _with_fp8_settings
+    from para_fx.inspect.report import Report
+    from para_fx.testing.dits import Fp8Linear
+
+    model = torch.nn.Sequential(Fp8Linear(torch.nn.Linear(16, 16)), torch.nn.GELU())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        notes = para_fx.explain(model, (x,)).notes
+        fp8_graph, plain_graph = make_fx(model)(x), make_fx(torch.nn.Linear(16, 16))(x)
+    assert any(n.startswith("fp8: 1 scaled matmul(s)") and "'split_reductions': False" in n for n in notes)
+    assert _with_fp8_settings(fp8_graph, Options(), Report()).inductor == {"split_reductions": False}
+    asked = Options(inductor={"split_reductions": True})
+    assert _with_fp8_settings(fp8_graph, asked, Report()).inductor == {"split_reductions": True}
+    assert _with_fp8_settings(plain_graph, Options(), Report()).inductor == {}
