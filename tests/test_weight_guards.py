@@ -49,11 +49,22 @@ def test_quantized_weights_are_checked_by_para_and_a_changed_layout_raises():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)  # the new weight, not the compiled one
 
+    same_object = model[2].weight  # its metadata reassigned in place: activations quantized too
+    kept_setting = same_object.act_quant_kwargs
+    other = torch.nn.Linear(32, 16)
+    quantization.quantize_(other, quantization.Int8DynamicActivationInt8WeightConfig())
+    same_object.act_quant_kwargs = other.weight.act_quant_kwargs
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight changed layout"):
+        compiled(x)
+    same_object.act_quant_kwargs = kept_setting
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
     other = torch.nn.Linear(32, 16)
     quantization.quantize_(other, quantization.Int8DynamicActivationInt8WeightConfig())  # same shapes, activations quantized too
     assert type(other.weight) is weight_type and other.weight.qdata.shape == model[2].weight.qdata.shape
     model[2].weight = other.weight
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight was replaced .* another layout"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight changed layout"):
         compiled(x)
 
 

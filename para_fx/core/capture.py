@@ -408,10 +408,10 @@ class SubclassFlattener:
 
     torchao's quantized weights are subclasses whose inner tensors the graph takes; flattening a
     few hundred of them costs milliseconds per call. The weights are the same objects every call,
-    so each input's inner tensors are kept and reused while the input and every inner tensor are
-    still the objects they were (a reassigned inner tensor is flattened again). ``on_new(position,
-    value)`` sees each input that is flattened anew: the backend checks there the layout of the
-    weights whose guards it took from Dynamo (:mod:`para_fx.core.weight_guards`)."""
+    so each input's inner tensors are kept and reused while the input, every inner tensor and every
+    other attribute of it are still the objects they were (a reassigned one is flattened again).
+    ``on_new(position, value)`` sees each input that is flattened anew: the backend checks there
+    the layout of the weights whose guards it took from Dynamo (:mod:`para_fx.core.weight_guards`)."""
 
     def __init__(self, example_inputs: Sequence[Any], on_new: Callable[[int, Any], None] | None = None):
         self.subclass_positions = [i for i, x in enumerate(example_inputs) if is_traceable_wrapper_subclass(x)]
@@ -470,14 +470,17 @@ class _LastCall:
 
 def _inner_tensors(value: Any, links: list[tuple[Any, str, Any]]) -> list[Any]:
     """``value``'s inner tensors, recursively, in ``__tensor_flatten__`` order; every
-    (owner, attribute, inner tensor) met on the way is added to ``links``."""
+    (owner, attribute, value) met on the way is added to ``links``: the inner tensors, and each
+    subclass's other instance attributes (its metadata: one reassigned is a change to check)."""
     if not is_traceable_wrapper_subclass(value):
         return [value]
     parts = []
-    for name in value.__tensor_flatten__()[0]:
+    names = value.__tensor_flatten__()[0]
+    for name in names:
         inner = getattr(value, name)
         links.append((value, name, inner))
         parts.extend(_inner_tensors(inner, links))
+    links.extend((value, name, attribute) for name, attribute in vars(value).items() if name not in names)
     return parts
 
 

@@ -98,8 +98,9 @@ class LayoutCheck:
         expected = self.layouts.get(position)
         if expected is not None and not same_layout(expected, value):
             raise RuntimeError(
-                f"para_fx: the quantized weight {self.names[position]} was replaced by a {type(value).__name__} of "
-                f"another layout (metadata, inner tensors or their shapes) since the graph was compiled. para "
-                f"checks quantized weights itself instead of Dynamo, so it cannot recompile for the new one: "
-                f"call torch._dynamo.reset() and compile again after changing a model's quantization."
+                f"para_fx: the quantized weight {self.names[position]} changed layout since the graph was compiled "
+                f"(replaced, or an attribute reassigned: now a {type(value).__name__} with other metadata, inner "
+                f"tensors or shapes). para checks quantized weights itself instead of Dynamo, so it cannot "
+                f"recompile for the new layout: call torch._dynamo.reset() and compile again after changing a "
+                f"model's quantization."
             )
