@@ -322,8 +322,8 @@ def _with_fp8_settings(graph: fx.GraphModule, options: Options, report: Report) 
     if not fp8 or not settings:
         return options
     report.notes.append(
-        f"fp8: {fp8} scaled matmul(s); Inductor compiles the graph with {settings}, so that each row's amax "
-        "and its quantisation are one kernel"
+        f"fp8: {fp8} scaled matmul(s); with Inductor the graph compiles with {settings}, so that each row's "
+        "amax and its quantisation are one kernel"
     )
     if options.compiler != "inductor":
         return options

@@ -6,8 +6,8 @@ its ``__tensor_flatten__`` metadata, and its list of inner tensors. With torchao
 host time that a step with CUDA graphs waits for. A model's weights are the same objects on every
 call, so the backend drops those two guards for the subclass *parameters* of a graph and checks
 them itself, where it is cheap: :class:`~para_fx.core.capture.SubclassFlattener` already notices a
-weight or inner tensor that was replaced, and only then is the new one's layout compared with the
-compiled one. A different layout raises (Dynamo would have recompiled; a graph built for another
+weight, inner tensor or attribute that was replaced, and only then is the weight's layout compared
+with the compiled one. A different layout raises (Dynamo would have recompiled; a graph built for another
 layout never runs). Dynamo's C++ guards stay: the weight's type and each inner tensor's shape,
 stride and dtype. Subclass inputs that are not parameters keep all their guards.
 """
