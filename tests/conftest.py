@@ -2,8 +2,14 @@ import gc
 import os
 import sys
 
-import pytest
-import torch
+# Inductor's CPU kernels without SIMD, in this process, the ranks and the scripts (set before torch
+# reads it): the tests check para's graphs, not Inductor's vectorisation, and g++ builds the scalar
+# kernels in about two thirds of the CPU time (the two Inductor attention cases on 2 ranks: 27 s
+# against 43 s). TORCHINDUCTOR_VEC_ISA_OK=1 in the environment keeps SIMD.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # tests import the shared rank spawns (tests/ranks.py)

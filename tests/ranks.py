@@ -123,7 +123,13 @@ def fork_context():
 
 def stop() -> None:
     """Stop the fork server once the spawns have ended: reaped here, its ranks' CPU time counts in
-    this process's children (as ``time`` reports it), as spawned ranks' did."""
+    this process's children (as ``time`` reports it), as spawned ranks' did. A spawn no test waited
+    for (``-k`` selected none of its cases) is killed first: its ranks would wait ``ORPHAN_TIMEOUT``
+    for the prepared cases, and the fork server for them."""
+    for spawn in _SPAWNS.values():
+        if not spawn.done:
+            for p in spawn.procs:
+                p.kill()
     if _PRELOADED:
         multiprocessing.forkserver._forkserver._stop()
 
