@@ -480,7 +480,8 @@ def _inner_tensors(value: Any, links: list[tuple[Any, str, Any]]) -> list[Any]:
         inner = getattr(value, name)
         links.append((value, name, inner))
         parts.extend(_inner_tensors(inner, links))
-    links.extend((value, name, attribute) for name, attribute in vars(value).items() if name not in names)
+    attributes = getattr(value, "__dict__", {})  # none for a subclass with __slots__ only
+    links.extend((value, name, attribute) for name, attribute in attributes.items() if name not in names)
     return parts
 
 
