@@ -1,6 +1,6 @@
 """The backend checks its quantized weights itself instead of Dynamo's Python guards
 (para_fx/core/weight_guards.py): no ``__tensor_flatten__`` per call, a replaced weight of the same
-layout used, one of another layout refused."""
+layout used, one of another layout or with an attribute reassigned refused."""
 
 import pytest
 import torch
@@ -49,24 +49,21 @@ def test_quantized_weights_are_checked_by_para_and_a_changed_layout_raises():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)  # the new weight, not the compiled one
 
-    same_object = model[2].weight  # its metadata reassigned in place: activations quantized too
+    dynamic = torch.nn.Linear(32, 16)  # the same shapes, activations quantized too
+    quantization.quantize_(dynamic, quantization.Int8DynamicActivationInt8WeightConfig())
+    assert type(dynamic.weight) is weight_type and dynamic.weight.qdata.shape == model[2].weight.qdata.shape
+    same_object = model[2].weight
     kept_setting = same_object.act_quant_kwargs
-    other = torch.nn.Linear(32, 16)
-    quantization.quantize_(other, quantization.Int8DynamicActivationInt8WeightConfig())
-    same_object.act_quant_kwargs = other.weight.act_quant_kwargs
+    same_object.act_quant_kwargs = dynamic.weight.act_quant_kwargs  # its metadata reassigned in place
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight changed layout"):
         compiled(x)
     same_object.act_quant_kwargs = kept_setting
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
 
-    other = torch.nn.Linear(32, 16)
-    quantization.quantize_(other, quantization.Int8DynamicActivationInt8WeightConfig())  # same shapes, activations quantized too
-    assert type(other.weight) is weight_type and other.weight.qdata.shape == model[2].weight.qdata.shape
-    model[2].weight = other.weight
+    model[2].weight = dynamic.weight  # replaced by one of another layout
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight changed layout"):
         compiled(x)
-
 
 def test_explain_reports_the_weights_it_guards():
     model = _quantized_model(quantization.Int8WeightOnlyConfig())
