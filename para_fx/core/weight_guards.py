@@ -63,9 +63,9 @@ def take_over_weight_guards(gm: fx.GraphModule, example_inputs: Sequence[Any]) -
     if not owned:
         return {}
     guards = context.guards_context.dynamo_guards
+    by_source = getattr(guards, "source_to_guards", None)  # torch 2.13 indexes them; 2.11 does not
     for guard in [guard for guard in guards.inner if _python_guard_of(guard, owned)]:
         guards.inner.discard(guard)
-        by_source = getattr(guards, "source_to_guards", None)  # torch 2.13 indexes them; 2.11 does not
         if by_source is not None:
             by_source[guard.originating_source].remove(guard)
     return {position: layout(example_inputs[position]) for position in owned.values()}
@@ -73,10 +73,11 @@ def take_over_weight_guards(gm: fx.GraphModule, example_inputs: Sequence[Any]) -
 
 def _python_guard_of(guard: Any, owned: dict[Any, int]) -> bool:
     """Whether ``guard`` is one of the two Python guards on an owned parameter or a subclass inside it."""
-    if guard.create_fn_name() not in _PYTHON_GUARDS:
+    kind = guard.create_fn_name()
+    if kind not in _PYTHON_GUARDS:
         return False
     source = guard.originating_source
-    if guard.create_fn_name() == "EQUALS_MATCH":
+    if kind == "EQUALS_MATCH":
         if type(source).__name__ != "SubclassAttrListSource":
             return False
         source = source.base
