@@ -42,7 +42,10 @@ def test_gather_warns_nothing_eagerly_or_traced():
 
 # The demo with torchao hidden (tests/without_torchao/sitecustomize.py), every warning shown.
 DEMO_ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests", "without_torchao"), "PYTHONWARNINGS": "always"}
-scripts.add("demo without torchao", [sys.executable, os.path.join(ROOT, "examples", "demo.py")], DEMO_ENV)
+# Its processes are forked from a Python that imported what the demo imports (tests/zygote.py),
+# with torchao hidden and every warning shown as here; what those imports printed, each process prints again.
+DEMO_IMPORTS = ("import argparse, torch, torch.distributed, para_fx, para_fx.testing.zoo, para_fx.testing.launch",)
+scripts.add("demo without torchao", [sys.executable, os.path.join(ROOT, "examples", "demo.py")], DEMO_ENV, DEMO_IMPORTS)
 
 
 @pytest.mark.scripts("demo without torchao")
