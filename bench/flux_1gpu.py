@@ -94,7 +94,7 @@ class Bench:
     def para_backend(self, **options):
         import para_fx
 
-        return para_fx.backend(compiler=self.args.compiler, **options)
+        return para_fx.backend(compiler=self.args.compiler, **{**self.args.para_options, **options})
 
     def inputs(self, model) -> list[dict]:
         return harness.flux_step_inputs(model, self.args.resolution, self.args.text_len, steps=self.args.input_sets)
@@ -491,6 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dynamo-config", action="append", default=[], metavar="NAME=VALUE",
                         help="a Dynamo config value for every compile of the run (repeatable), "
                              "e.g. use_recursive_dict_tags_for_guards=True")
+    parser.add_argument("--para-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a para_fx.backend keyword for every para row (repeatable), e.g. fuse_projections=True")
     parser.add_argument("--skip-module-guards", action="store_true",
                         help="para and para_cache compiled without Dynamo's guards on modules and parameters")
     parser.add_argument("--ab-rounds", type=int, default=6, help="alternating rounds of ab_para_inductor")
@@ -503,6 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (tiny_value, full_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny_value if args.tiny else full_value)
+    args.para_options = {name: ast.literal_eval(value) for name, value in (o.split("=", 1) for o in args.para_option)}
     if args.out is None:
         here = os.path.dirname(os.path.abspath(__file__))
         args.out = os.path.join(here, "results", "flux_1gpu_tiny.json" if args.tiny else "flux_1gpu.json")
@@ -539,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.skip_module_guards:
         b.results.put(None, "guard_filter", "skip_guard_on_all_nn_modules_unsafe (para rows)")
+    for name, value in args.para_options.items():
+        b.results.put("para_options", name, value)
     for key, config, settings in (("inductor_config", torch._inductor.config, args.inductor_config),
                                   ("dynamo_config", torch._dynamo.config, args.dynamo_config)):
         for setting in settings:

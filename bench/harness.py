@@ -311,13 +311,18 @@ def host_profile(step: Callable[[dict], Any], inputs: list[dict], calls: int = 5
         busy_calls(calls)
         profiler.disable()
     stats = pstats.Stats(profiler).stats
-    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+
+    def rows(rank: int) -> list[dict]:  # rank 2: self time, 3: cumulative (where each layer's time goes)
+        ranked = sorted(stats.items(), key=lambda item: -item[1][rank])[:top]
+        return [{"function": f"{os.path.basename(file)}:{line}({name})"[:160], "self_ms": round(tt * 1e3 / calls, 3),
+                 "cum_ms": round(ct * 1e3 / calls, 3), "calls": round(nc / calls, 1)}
+                for (file, line, name), (_, nc, tt, ct, _) in ranked]
+
     return {
         "host_ms_per_call": round(median(times), 3),
         "host_ms_by_call": [round(t, 3) for t in times],
-        "top_python": [{"function": f"{os.path.basename(file)}:{line}({name})"[:160], "self_ms": round(tt * 1e3 / calls, 3),
-                        "cum_ms": round(ct * 1e3 / calls, 3), "calls": round(nc / calls, 1)}
-                       for (file, line, name), (_, nc, tt, ct, _) in ranked],
+        "top_python": rows(2),
+        "top_python_cumulative": rows(3),
     }
 
 

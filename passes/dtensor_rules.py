@@ -23,7 +23,7 @@ from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._op_schema import OpSchema
 
-from para_fx.core.placement import REPLICATE, Partial, Placement, Replicate, Shard, global_size
+from para_fx.core.placement import REPLICATE, Partial, Placement, Shard, global_size
 
 log = logging.getLogger("para_fx")
 

@@ -13,6 +13,10 @@ apart: it is the work that runs while the attention's transfer is in flight. The
 inputs, built once by :class:`FusedWeights` from the model's parameters and rebuilt whenever a
 parameter changes (a version counter or a new tensor), so a graph never runs with stale weights.
 They cost memory: one more copy of the fused weights.
+
+fp8 layers (``_scaled_mm`` with per-row weight scales) fuse the same way when they read one
+quantized activation with one scale (:mod:`para_fx.passes.cse` merges the quantization each layer
+did of its own): their fp8 weights and their scales are concatenated alike.
 """
 
 from __future__ import annotations
@@ -24,49 +28,81 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .linear import linear_operands
+from .linear import linear_operands, scaled_linear_operands
 from .shard_rules import family
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_VERSION = operator.attrgetter("_version")
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """One fused matmul: the input positions of its weights (and biases), in output-column order."""
+    """One fused matmul: the input positions of its weights (fp8: and their scales, concatenated
+    along ``scale_dim``; and biases), in output-column order."""
 
     weights: tuple[int, ...]
     biases: tuple[int, ...] | None
+    scales: tuple[int, ...] | None = None
+    scale_dim: int = 0
+
+    def concatenated(self) -> list[tuple[tuple[int, ...], int]]:
+        """The new inputs, in order: (input positions, dim they are concatenated along)."""
+        parts = [(self.weights, 0)]
+        if self.scales is not None:
+            parts.append((self.scales, self.scale_dim))
+        if self.biases is not None:
+            parts.append((self.biases, 0))
+        return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """One projection: its matmul, its weight's input position (its scales', its bias'), and what
+    the projections fused with it share (``key``)."""
+
+    node: fx.Node
+    weight: int
+    bias: int | None
+    scale: int | None
+    key: tuple
 
 
 def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Group]:
-    """Rewrite ``gm`` in place; returns the groups, whose concatenated weights (then biases) are
+    """Rewrite ``gm`` in place; returns the groups, whose concatenated weights (scales, biases) are
     the graph's new last inputs, in group order."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     position = {node: i for i, node in enumerate(placeholders)}
-    candidates: dict[tuple, list[tuple[fx.Node, int, int | None]]] = {}
+    candidates: dict[tuple, list[_Member]] = {}
     nearest = _nearest_attention(gm.graph)
     for node in gm.graph.nodes:
-        found = _projection(node, position, example_inputs)
-        if found is not None:
-            activation, weight, bias = found
-            key = (activation, nearest[node], bias is not None, example_inputs[weight].dtype)
-            candidates.setdefault(key, []).append((node, weight, bias))
+        member = _projection(node, position, example_inputs) or _scaled_projection(node, position, example_inputs)
+        if member is not None:
+            key = (member.key, nearest[node], member.bias is not None, example_inputs[member.weight].dtype)
+            candidates.setdefault(key, []).append(member)
     groups = []
     last = placeholders[-1]
     for members in candidates.values():
         if len(members) < 2:
             continue
-        first = members[0][0]
-        fake_mode = getattr(first.args[-2].meta.get("val"), "fake_mode", None)  # the activation's: the graph's own
-        group = Group(tuple(w for _, w, _ in members), None if members[0][2] is None else tuple(b for _, _, b in members))
-        weight = last = _input_after(gm.graph, last, f"fused_weight_{len(groups)}", [example_inputs[i] for i in group.weights], fake_mode)
-        bias = None
-        if group.biases is not None:
-            bias = last = _input_after(gm.graph, last, f"fused_bias_{len(groups)}", [example_inputs[i] for i in group.biases], fake_mode)
-        _rewrite(gm.graph, [m for m, _, _ in members], weight, bias, [example_inputs[w].shape[0] for w in group.weights])
+        scaled = members[0].scale is not None
+        group = Group(
+            tuple(m.weight for m in members),
+            None if members[0].bias is None else tuple(m.bias for m in members),
+            tuple(m.scale for m in members) if scaled else None,
+            _scale_dim(example_inputs[members[0].scale]) if scaled else 0,
+        )
+        fake_mode = getattr(members[0].node.args[0].meta.get("val"), "fake_mode", None)  # the graph's own
+        fused = []
+        for k, (positions, dim) in enumerate(group.concatenated()):
+            name = ("fused_weight", "fused_scale" if scaled else "fused_bias", "fused_bias")[k]
+            last = _input_after(gm.graph, last, f"{name}_{len(groups)}", [example_inputs[i] for i in positions], dim, fake_mode)
+            fused.append(last)
+        widths = [example_inputs[m.weight].shape[0] for m in members]
+        (_rewrite_scaled if scaled else _rewrite)(gm.graph, [m.node for m in members], fused, widths)
         groups.append(group)
     if groups:
+        gm.graph.eliminate_dead_code()  # the transposes of the old weights, and their scales
         gm.graph.lint()
         gm.recompile()
     return groups
@@ -84,12 +120,13 @@ def _nearest_attention(graph: fx.Graph) -> dict[fx.Node, int]:
     return nearest
 
 
-def _input_after(graph: fx.Graph, last: fx.Node, name: str, parts: list[torch.Tensor], fake_mode) -> fx.Node:
-    """A new graph input for ``cat(parts)``, with the value metadata later passes read."""
+def _input_after(graph: fx.Graph, last: fx.Node, name: str, parts: list[torch.Tensor], dim: int, fake_mode) -> fx.Node:
+    """A new graph input for ``cat(parts, dim)``, with the value metadata later passes read."""
     with graph.inserting_after(last):
         node = graph.placeholder(name)
     if fake_mode is not None:
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
         with fake_mode:
             node.meta["val"] = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
     return node
@@ -104,43 +141,87 @@ def _call(graph: fx.Graph, target, args: tuple) -> fx.Node:
     return node
 
 
-def _projection(node: fx.Node, position: dict[fx.Node, int], inputs: Sequence[Any]):
-    """``(activation key, weight input, bias input or None)`` for ``x @ W.t() (+ b)`` with W, b graph inputs."""
+def _projection(node: fx.Node, position: dict[fx.Node, int], inputs: Sequence[Any]) -> _Member | None:
+    """``x @ W.t() (+ b)`` with W, b graph inputs."""
     operands = linear_operands(node)
     if operands is None:
         return None
     bias, mat1, weight = operands
+    if not _weight_input(weight, bias, position, inputs):
+        return None
+    return _Member(node, position[weight], None if bias is None else position[bias], None, ("mm", _source(mat1)))
+
+
+def _scaled_projection(node: fx.Node, position: dict[fx.Node, int], inputs: Sequence[Any]) -> _Member | None:
+    """An fp8 linear layer whose weight, per-row weight scales and bias are graph inputs."""
+    op = scaled_linear_operands(node)
+    if op is None or not _weight_input(op.weight, op.bias, position, inputs) or op.weight_scale not in position:
+        return None
+    weight, scale = inputs[position[op.weight]], inputs[position[op.weight_scale]]
+    rows = (weight.shape[0], 1) if op.scale_transposed else (1, weight.shape[0])
+    if not isinstance(scale, torch.Tensor) or type(scale) not in (torch.Tensor, torch.nn.Parameter) or tuple(scale.shape) != rows:
+        return None  # a scale per tensor: the weights would need one scale between them
+    key = ("scaled_mm", _source(op.activation), op.activation_scale, op.scale_transposed, op.out_dtype, op.use_fast_accum)
+    return _Member(node, position[op.weight], None if op.bias is None else position[op.bias], position[op.weight_scale], key)
+
+
+def _weight_input(weight: fx.Node, bias: fx.Node | None, position: dict[fx.Node, int], inputs: Sequence[Any]) -> bool:
+    """Whether the weight and bias are plain tensors among the graph's inputs (a bias of one dim)."""
     if bias is not None and (bias not in position or inputs[position[bias]].dim() != 1):
-        return None
-    if weight not in position or not isinstance(inputs[position[weight]], torch.Tensor):
-        return None
-    if type(inputs[position[weight]]) not in (torch.Tensor, torch.nn.Parameter):
-        return None
-    source = mat1
-    if isinstance(mat1, fx.Node) and mat1.target in _VIEWS:
-        source = (mat1.args[0], tuple(mat1.args[1]))
-    return source, position[weight], None if bias is None else position[bias]
+        return False
+    return weight in position and type(inputs[position[weight]]) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _rewrite(graph: fx.Graph, members: list[fx.Node], weight: fx.Node, bias: fx.Node | None, widths: list[int]):
+def _source(activation: Any) -> Any:
+    """What identifies an activation: the node, or a view's base and shape (each projection views it anew)."""
+    if isinstance(activation, fx.Node) and activation.target in _VIEWS:
+        return activation.args[0], tuple(activation.args[1])
+    return activation
+
+
+def _scale_dim(scale: torch.Tensor) -> int:
+    """The dim along which per-row scales of several weights are concatenated: their rows'."""
+    return 0 if scale.shape[1] == 1 else 1
+
+
+def _rewrite(graph: fx.Graph, members: list[fx.Node], fused: list[fx.Node], widths: list[int]) -> None:
     """One matmul at the first member, its output split into the members' columns."""
     first = members[0]
+    weight, bias = fused[0], (fused[1] if len(fused) > 1 else None)
     with graph.inserting_before(first):
         mat1 = first.args[1] if bias is not None else first.args[0]
         transposed = _call(graph, aten.t.default, (weight,))
         if bias is None:
-            fused = _call(graph, aten.mm.default, (mat1, transposed))
+            matmul = _call(graph, aten.mm.default, (mat1, transposed))
         else:
-            fused = _call(graph, aten.addmm.default, (bias, mat1, transposed))
-        parts = _call(graph, aten.split_with_sizes.default, (fused, widths, 1))
+            matmul = _call(graph, aten.addmm.default, (bias, mat1, transposed))
+    _split_into(graph, members, matmul, widths)
+
+
+def _rewrite_scaled(graph: fx.Graph, members: list[fx.Node], fused: list[fx.Node], widths: list[int]) -> None:
+    """One ``_scaled_mm`` at the first member, on the concatenated fp8 weights and scales."""
+    first = members[0]
+    op = scaled_linear_operands(first)
+    weight, scale, bias = fused[0], fused[1], (fused[2] if len(fused) > 2 else None)
+    with graph.inserting_before(first):
+        transposed = _call(graph, aten.t.default, (weight,))
+        scale_b = _call(graph, aten.t.default, (scale,)) if op.scale_transposed else scale
+        args = (op.activation, transposed, op.activation_scale, scale_b, bias, None, op.out_dtype, op.use_fast_accum)
+        matmul = _call(graph, aten._scaled_mm.default, args)
+    _split_into(graph, members, matmul, widths)
+
+
+def _split_into(graph: fx.Graph, members: list[fx.Node], matmul: fx.Node, widths: list[int]) -> None:
+    """``matmul``'s columns, split, replace the members' outputs; the members go."""
+    with graph.inserting_after(matmul):
+        parts = _call(graph, aten.split_with_sizes.default, (matmul, widths, 1))
+    previous = parts
     for i, member in enumerate(members):
-        with graph.inserting_before(first):
-            piece = _call(graph, operator.getitem, (parts, i))
-        member.replace_all_uses_with(piece)
+        with graph.inserting_after(previous):
+            previous = _call(graph, operator.getitem, (parts, i))
+        member.replace_all_uses_with(previous)
     for member in members:
-        old_transpose = member.args[2] if bias is not None else member.args[1]
         graph.erase_node(member)
-        graph.erase_node(old_transpose)
 
 
 class FusedWeights:
@@ -149,21 +230,23 @@ class FusedWeights:
 
     def __init__(self, groups: list[Group], inputs: Sequence[Any]):
         self.groups = groups
-        self.sources = sorted({i for g in groups for i in (*g.weights, *(g.biases or ()))})
-        self.seen: list[tuple[int, int]] = []
+        sources = sorted({i for g in groups for positions, _ in g.concatenated() for i in positions})
+        pick = operator.itemgetter(*sources)
+        self.pick = pick if len(sources) > 1 else lambda items: (pick(items),)
+        self.seen: tuple[list[int], list[int]] | None = None
         self.tensors: list[torch.Tensor] = []
         self.refresh(inputs)
 
     def refresh(self, inputs: Sequence[Any]) -> None:
-        seen = [(inputs[i].data_ptr(), inputs[i]._version) for i in self.sources]
+        sources = self.pick(inputs)  # C loops: FLUX has about 700 sources, checked on every call
+        seen = (list(map(torch.Tensor.data_ptr, sources)), list(map(_VERSION, sources)))
         if seen == self.seen:
             return
         self.tensors = []  # free the old copies before building new ones
         with torch.no_grad():
             for g in self.groups:
-                self.tensors.append(torch.cat([inputs[i] for i in g.weights]))
-                if g.biases is not None:
-                    self.tensors.append(torch.cat([inputs[i] for i in g.biases]))
+                for positions, dim in g.concatenated():
+                    self.tensors.append(torch.cat([inputs[i] for i in positions], dim))
         self.seen = seen
 
     def calling(self, compiled: Callable[..., Any], user_inputs: int) -> Callable[..., Any]:

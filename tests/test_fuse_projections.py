@@ -1,11 +1,13 @@
 """Sibling projections fused into one matmul: which ones fuse, the same outputs, and weights that
 follow the model's parameters when they change after compiling."""
 
+import pytest
 import torch
 import torch.fx as fx
 
 import para_fx
 from para_fx.testing import zoo
+from para_fx.testing.dits import Fp8Linear
 from para_fx.core.backend import recording
 from para_fx.inspect.explain import simulated_mesh
 from para_fx.passes.fuse_projections import fuse_projections
@@ -83,3 +85,55 @@ def test_off_by_default():
         torch.compile(Projections(), backend=para_fx.backend(compiler="eager"))(torch.randn(5, 8), torch.randn(5, 8))
     torch._dynamo.reset()
     assert unfused.graph_count == 1 and unfused.fused_projections == []
+
+
+class Fp8Projections(torch.nn.Module):
+    """Three fp8 projections of one activation, each quantizing it itself (as torchao's do), and
+    one of another activation."""
+
+    def __init__(self, scale_column: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.other = (Fp8Linear(torch.nn.Linear(16, n), scale_column) for n in (16, 16, 8, 16))
+
+    def forward(self, x, y):
+        h = torch.relu(x)
+        return self.q(h) * self.k(h), self.v(h), self.other(y)
+
+
+@pytest.mark.parametrize("scale_column", [True, False], ids=["scales [out, 1] transposed", "scales [1, out]"])
+def test_fp8_projections_quantize_their_activation_once_fuse_and_match_eager(scale_column):
+    model = Fp8Projections(scale_column)
+    x, y = torch.randn(6, 16), torch.randn(6, 16)
+    torch._dynamo.reset()
+    with recording() as report:
+        compiled = torch.compile(model, backend=para_fx.backend(compiler="aot_eager", fuse_projections=True))
+        outputs = compiled(x, y)
+    assert report.fused_projections == [3]
+    assert any(note.startswith("fp8: ") and "repeated node(s) merged" in note for note in report.notes)
+    final = report.graphs["fuse_projections"]
+    assert final.count("aten._scaled_mm.default(") == 2  # q/k/v as one, `other` alone
+    assert final.count("aten.amax.default(") == 2  # one quantization of h, one of y
+    for got, want in zip(outputs, model(x, y)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # new fp8 weights and scales after compiling: the fused copy follows
+        model.k.weight.copy_(torch.randn(16, 16).to(torch.float8_e4m3fn))
+        model.v.weight_scale.mul_(2.0)
+    for got, want in zip(compiled(x, y), model(x, y)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fp8_projections_fuse_with_scales_per_row_not_per_tensor():
+    """A scale per tensor cannot be concatenated: the fused weights would need one between them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def siblings(x, x_scale, w1, w2, w3, s1, s2, s3):
+        return [torch._scaled_mm(x, w.t(), x_scale, s.t(), out_dtype=torch.float32) for w, s in ((w1, s1), (w2, s2), (w3, s3))]
+
+    fp8 = lambda *shape: torch.randn(*shape).to(torch.float8_e4m3fn)  # noqa: E731
+    for rows, scale_shape, fused in ((6, (16, 1), 1), (1, (1, 1), 0)):
+        inputs = [fp8(rows, 16), torch.rand(rows, 1), *(fp8(16, 16) for _ in range(3)), *(torch.rand(*scale_shape) for _ in range(3))]
+        if scale_shape == (1, 1):  # per tensor on both sides: scalars
+            inputs = [x.reshape(()) if x.dtype == torch.float32 else x for x in inputs]
+        gm = make_fx(siblings)(*inputs)
+        assert len(fuse_projections(gm, inputs)) == fused

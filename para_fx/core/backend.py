@@ -30,6 +30,7 @@ from .static_inputs import mark_static_inputs, static_flags
 from .weight_guards import LayoutCheck, take_over_weight_guards
 from ..passes.attention_patterns import recognize_attention
 from ..passes.cache import insert_first_block_cache
+from ..passes.cse import merge_common_subexpressions
 from ..passes.fuse_projections import FusedWeights, fuse_projections
 from ..passes.schedule import overlap_collectives
 from ..passes.split_vector_matmuls import split_vector_matmuls
@@ -315,9 +316,13 @@ class _FlattenSubclasses:
 FP8_SETTINGS = {"split_reductions": False}
 
 
+def _scaled_matmuls(graph: fx.GraphModule) -> int:
+    return len(graph.graph.find_nodes(op="call_function", target=torch.ops.aten._scaled_mm.default))
+
+
 def _with_fp8_settings(graph: fx.GraphModule, options: Options, report: Report) -> Options:
     """``options`` with :data:`FP8_SETTINGS` under the user's own, for a graph of fp8 matmuls."""
-    fp8 = len(graph.graph.find_nodes(op="call_function", target=torch.ops.aten._scaled_mm.default))
+    fp8 = _scaled_matmuls(graph)
     settings = {k: v for k, v in FP8_SETTINGS.items() if k not in options.inductor}
     if not fp8 or not settings:
         return options
@@ -333,6 +338,14 @@ def _with_fp8_settings(graph: fx.GraphModule, options: Options, report: Report) 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
     """The aten graph through the shard passes that apply to this mesh, the helpers each inserts inlined."""
     report.add_graph("captured", graph)
+    if _scaled_matmuls(graph):  # elsewhere Inductor merges what repeats inside the kernels it fuses
+        merged = merge_common_subexpressions(graph)
+        if merged:
+            report.notes.append(
+                f"fp8: {merged} repeated node(s) merged, each computed once (a quantized layer quantizes its "
+                "input itself: sibling projections quantized one activation each)"
+            )
+            report.add_graph("merge_common_subexpressions", graph)
     if options.mesh is None:
         return graph
     recognized = recognize_attention(graph)

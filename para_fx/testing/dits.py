@@ -471,14 +471,17 @@ def complex_rope_dit(seed: int = 0, **kwargs):
 
 class Fp8Linear(nn.Module):
     """y = x W^T + b through ``torch._scaled_mm``: per-row activation scales computed on the fly,
-    a per-row (per output channel) weight scale, like torchao's dynamic fp8 with PerRow()."""
+    a per-row (per output channel) weight scale, like torchao's dynamic fp8 with PerRow().
+    ``scale_column``: the weight scale kept as torchao keeps it, ``[out, 1]``, and transposed at
+    each call; else kept as ``[1, out]``."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, scale_column: bool = False):
         super().__init__()
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+        self.scale_column = scale_column
         self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("weight_scale", scale if scale_column else scale.t().contiguous())
         self.register_buffer("bias", linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -486,7 +489,8 @@ class Fp8Linear(nn.Module):
         scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
         quantized = (rows / scale).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(
-            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=torch.float32
+            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.t() if self.scale_column else self.weight_scale,
+            bias=self.bias, out_dtype=torch.float32,
         )
         return out.reshape(*x.shape[:-1], -1)
 
