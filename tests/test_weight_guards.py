@@ -1,6 +1,7 @@
-"""The backend checks its quantized weights itself instead of Dynamo's Python guards
-(para_fx/core/weight_guards.py): no ``__tensor_flatten__`` per call, a replaced weight of the same
-layout used, one of another layout or with an attribute reassigned refused."""
+"""The backend checks its quantized weights itself instead of Dynamo's per-call guards on their
+insides (para_fx/core/weight_guards.py): no ``__tensor_flatten__`` per call, a replaced weight of
+the same layout used, one of another layout, with an attribute reassigned or an inner tensor
+changed in place refused."""
 
 import pytest
 import torch
@@ -65,8 +66,26 @@ def test_quantized_weights_are_checked_by_para_and_a_changed_layout_raises():
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"quantized weight \S*2_weight changed layout"):
         compiled(x)
 
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_an_inner_tensor_changed_in_place_raises_and_restored_runs():
+    """Dynamo no longer guards the inner tensors (it would recompile here instead); para's check does."""
+    model = _quantized_model(quantization.Int8WeightOnlyConfig())
+    compiled = torch.compile(model, backend=para_fx.backend(compiler="eager"))
+    x = torch.randn(4, 16)
+    inner = model[2].weight.qdata
+    kept = inner.data
+    with torch.no_grad():
+        compiled(x)
+        inner.data = kept.t().contiguous().t()  # the same values and shape, column-major strides
+        with pytest.raises(RuntimeError, match=r"inner tensor of a quantized weight changed in place .*2_weight\.qdata.*stride"):
+            compiled(x)
+        inner.data = kept
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
+
 def test_explain_reports_the_weights_it_guards():
     model = _quantized_model(quantization.Int8WeightOnlyConfig())
     with torch.no_grad():
         report = para_fx.explain(model, (torch.randn(4, 16),))
-    assert "Dynamo's Python guards on 2 weight(s) replaced by para's check" in str(report)
+    assert "Dynamo's per-call guards inside 2 weight(s) replaced by para's checks" in str(report)

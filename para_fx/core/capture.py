@@ -410,31 +410,42 @@ class SubclassFlattener:
     few hundred of them costs milliseconds per call. The weights are the same objects every call,
     so each input's inner tensors are kept and reused while the input, every inner tensor and every
     other attribute of it are still the objects they were (a reassigned one is flattened again).
-    ``on_new(position, value)`` sees each input that is flattened anew: the backend checks there
-    the layout of the weights whose guards it took from Dynamo (:mod:`para_fx.core.weight_guards`)."""
+    ``check`` (the backend's :class:`~para_fx.core.weight_guards.LayoutCheck`, for the weights whose
+    guards it took from Dynamo) sees each input flattened anew (``check.new_weight(position,
+    value)``), and ``check.in_place(parts, names)`` makes the check run on every call that the inner
+    tensors kept their metadata."""
 
-    def __init__(self, example_inputs: Sequence[Any], on_new: Callable[[int, Any], None] | None = None):
+    def __init__(self, example_inputs: Sequence[Any], check: Any = None):
         self.subclass_positions = [i for i, x in enumerate(example_inputs) if is_traceable_wrapper_subclass(x)]
-        self.seen: dict[int, tuple[Any, list[tuple[Any, str, Any]], list[Any]]] = {}
-        self.on_new = on_new
+        self.seen: dict[int, tuple[Any, list[tuple[Any, str, Any]], list[Any], list[str]]] = {}
+        self.check = check
         self.last: _LastCall | None = None
 
     def __call__(self, values: Sequence[Any]) -> list[Any]:
-        if self.last is not None and self.last.same_objects(values, self.subclass_positions):
-            return self.last.flat(values)
-        parts = {i: self._inner(i, values[i]) for i in self.subclass_positions}
-        self.last = _LastCall(values, parts, [link for i in self.subclass_positions for link in self.seen[i][1]])
+        if self.last is None or not self.last.same_objects(values, self.subclass_positions):
+            self.last = self._flatten(values)
+        self.last.unchanged_in_place()
         return self.last.flat(values)
+
+    def _flatten(self, values: Sequence[Any]) -> _LastCall:
+        parts = {i: self._inner(i, values[i]) for i in self.subclass_positions}
+        links = [link for i in self.subclass_positions for link in self.seen[i][1]]
+        in_place = None
+        if self.check is not None:
+            names = [f"{i}.{path}" for i in self.subclass_positions for path in self.seen[i][3]]
+            in_place = self.check.in_place([p for inner in parts.values() for p in inner], names)
+        return _LastCall(values, parts, links, in_place)
 
     def _inner(self, position: int, value: Any) -> list[Any]:
         seen = self.seen.get(position)
         if seen is not None and seen[0] is value and all(getattr(owner, name) is inner for owner, name, inner in seen[1]):
             return seen[2]
-        if self.on_new is not None:
-            self.on_new(position, value)
+        if self.check is not None:
+            self.check.new_weight(position, value)
         links: list[tuple[Any, str, Any]] = []
-        parts = _inner_tensors(value, links)
-        self.seen[position] = (value, links, parts)
+        paths: list[str] = []
+        parts = _inner_tensors(value, links, paths)
+        self.seen[position] = (value, links, parts, paths)
         return parts
 
 
@@ -442,11 +453,13 @@ class _LastCall:
     """The objects of a flattening, compared and reused with C loops (``map`` over ``operator.is_``
     and ``itemgetter``): a Python loop over FLUX's 504 weights alone costs half a millisecond a call."""
 
-    def __init__(self, values: Sequence[Any], parts: dict[int, list[Any]], links: list[tuple[Any, str, Any]]):
+    def __init__(self, values: Sequence[Any], parts: dict[int, list[Any]], links: list[tuple[Any, str, Any]],
+                 in_place: Callable[[], None] | None):
         self.count = len(values)
         self.subclasses = [values[i] for i in parts]
         self.owners, self.names, self.inner = ([link[k] for link in links] for k in range(3))
         self.parts = [part for inner in parts.values() for part in inner]
+        self.unchanged_in_place = in_place or _nothing
         indices, start = [], len(values)  # into (*values, *self.parts)
         for i in range(len(values)):
             if i in parts:
@@ -468,18 +481,25 @@ class _LastCall:
         return list(self.pick((*values, *self.parts)))
 
 
-def _inner_tensors(value: Any, links: list[tuple[Any, str, Any]]) -> list[Any]:
+def _nothing() -> None:
+    pass
+
+
+def _inner_tensors(value: Any, links: list[tuple[Any, str, Any]], paths: list[str] | None = None, path: str = "") -> list[Any]:
     """``value``'s inner tensors, recursively, in ``__tensor_flatten__`` order; every
     (owner, attribute, value) met on the way is added to ``links``: the inner tensors, and each
-    subclass's other instance attributes (its metadata: one reassigned is a change to check)."""
+    subclass's other instance attributes (its metadata: one reassigned is a change to check);
+    ``paths`` gets each inner tensor's dotted attribute path."""
     if not is_traceable_wrapper_subclass(value):
+        if paths is not None:
+            paths.append(path)
         return [value]
     parts = []
     names = value.__tensor_flatten__()[0]
     for name in names:
         inner = getattr(value, name)
         links.append((value, name, inner))
-        parts.extend(_inner_tensors(inner, links))
+        parts.extend(_inner_tensors(inner, links, paths, f"{path}.{name}" if path else name))
     attributes = getattr(value, "__dict__", {})  # none for a subclass with __slots__ only
     links.extend((value, name, attribute) for name, attribute in attributes.items() if name not in names)
     return parts

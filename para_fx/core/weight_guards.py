@@ -1,15 +1,17 @@
-"""Dynamo's Python guards on quantized weights, taken over by the backend.
+"""Dynamo's per-call guards on the insides of quantized weights, taken over by the backend.
 
-Dynamo guards every tensor-subclass input with two checks written in Python, run on every call:
-its ``__tensor_flatten__`` metadata, and its list of inner tensors. With torchao's fp8 weights
-(FLUX.1: 504 of them) that is two ``__tensor_flatten__`` calls per weight per call, milliseconds of
-host time that a step with CUDA graphs waits for. A model's weights are the same objects on every
-call, so the backend drops those two guards for the subclass *parameters* of a graph and checks
-them itself, where it is cheap: :class:`~para_fx.core.capture.SubclassFlattener` already notices a
-weight, inner tensor or attribute that was replaced, and only then is the weight's layout compared
-with the compiled one. A different layout raises (Dynamo would have recompiled; a graph built for another
-layout never runs). Dynamo's C++ guards stay: the weight's type and each inner tensor's shape,
-stride and dtype. Subclass inputs that are not parameters keep all their guards.
+Dynamo guards every tensor-subclass input with two checks written in Python, run on every call
+(its ``__tensor_flatten__`` metadata, and its list of inner tensors), and one tensor guard per
+inner tensor, reached through an attribute lookup on the subclass. With torchao's fp8 weights
+(FLUX.1: 504 of them, 1008 inner tensors) that is milliseconds of host time per call, which a step
+with CUDA graphs waits for. A model's weights are the same objects on every call, so the backend
+drops those guards for the subclass *parameters* of a graph and checks the same things itself,
+where it is cheap: :class:`~para_fx.core.capture.SubclassFlattener` already notices a weight, inner
+tensor or attribute that was replaced, and only then is the weight's layout compared with the
+compiled one; and one C++ call per step checks every inner tensor's type, dtype, device, sizes and
+strides against the compiled ones (a change in place). Either raises (Dynamo would have
+recompiled; a graph built for another layout never runs). Dynamo keeps its guard on each weight
+itself (type and shape). Subclass inputs that are not parameters keep all their guards.
 """
 
 from __future__ import annotations
@@ -64,23 +66,31 @@ def take_over_weight_guards(gm: fx.GraphModule, example_inputs: Sequence[Any]) -
         return {}
     guards = context.guards_context.dynamo_guards
     by_source = getattr(guards, "source_to_guards", None)  # torch 2.13 indexes them; 2.11 does not
-    for guard in [guard for guard in guards.inner if _python_guard_of(guard, owned)]:
+    for guard in [guard for guard in guards.inner if _taken_over(guard, owned)]:
         guards.inner.discard(guard)
         if by_source is not None:
             by_source[guard.originating_source].remove(guard)
     return {position: layout(example_inputs[position]) for position in owned.values()}
 
 
-def _python_guard_of(guard: Any, owned: dict[Any, int]) -> bool:
-    """Whether ``guard`` is one of the two Python guards on an owned parameter or a subclass inside it."""
+def _taken_over(guard: Any, owned: dict[Any, int]) -> bool:
+    """Whether ``guard`` is one the backend checks itself: a Python guard on an owned parameter or
+    a subclass inside it, or the tensor guard of a tensor inside it."""
     kind = guard.create_fn_name()
+    source = guard.originating_source
+    if kind == "TENSOR_MATCH":
+        return source not in owned and _inside(getattr(source, "base", None), owned)
     if kind not in _PYTHON_GUARDS:
         return False
-    source = guard.originating_source
     if kind == "EQUALS_MATCH":
         if type(source).__name__ != "SubclassAttrListSource":
             return False
         source = source.base
+    return _inside(source, owned)
+
+
+def _inside(source: Any, owned: dict[Any, int]) -> bool:
+    """Whether ``source`` is an owned parameter or reached through one."""
     while source is not None:
         if source in owned:
             return True
@@ -89,13 +99,14 @@ def _python_guard_of(guard: Any, owned: dict[Any, int]) -> bool:
 
 
 class LayoutCheck:
-    """``SubclassFlattener``'s ``on_new``: a weight flattened anew must have its compiled layout."""
+    """What the backend checks instead of Dynamo, for ``SubclassFlattener``: a weight flattened anew
+    must have its compiled layout, and no inner tensor may change its metadata in place."""
 
     def __init__(self, layouts: dict[int, Any], names: Sequence[str]):
         self.layouts = layouts
         self.names = names
 
-    def __call__(self, position: int, value: Any) -> None:
+    def new_weight(self, position: int, value: Any) -> None:
         expected = self.layouts.get(position)
         if expected is not None and not same_layout(expected, value):
             raise RuntimeError(
@@ -105,3 +116,23 @@ class LayoutCheck:
                 f"recompile for the new layout: call torch._dynamo.reset() and compile again after changing a "
                 f"model's quantization."
             )
+
+    def in_place(self, parts: Sequence[torch.Tensor], paths: Sequence[str]):
+        """A check for every call: ``parts`` (the inner tensors, with the layout just checked) keep
+        their type, dtype, device, sizes and strides. Dynamo's own check of them, one guard per inner
+        tensor, is what :func:`take_over_weight_guards` removed: this is the same C++ check in one call."""
+        from torch._C._dynamo.guards import TensorGuards
+
+        guards = TensorGuards(*parts, dynamic_dims_sizes=[list(p.shape) for p in parts],
+                              dynamic_dims_strides=[list(p.stride()) for p in parts])
+
+        def check() -> None:
+            if not guards.check(*parts):
+                names = [f"{self.names[int(i)]}.{rest}" for i, rest in (p.split(".", 1) for p in paths)]
+                raise RuntimeError(
+                    f"para_fx: an inner tensor of a quantized weight changed in place since the graph was compiled "
+                    f"({guards.check_verbose(*parts, tensor_check_names=names)}); call torch._dynamo.reset() and "
+                    f"compile again after changing a model's quantization."
+                )
+
+        return check
