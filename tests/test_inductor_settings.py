@@ -95,7 +95,7 @@ def test_parameters_reach_inductor_as_static_inputs(monkeypatch):
     model = _Attention()
     x = torch.randn(2, 6, 16)
     weights = len(list(model.parameters()))
-    for backend, fused in ((para_fx.backend(fuse_projections=False), 0), (para_fx.backend(), 2)):
+    for backend, fused in ((para_fx.backend(), 0), (para_fx.backend(fuse_projections=True), 2)):
         seen.clear()
         torch._dynamo.reset()
         with torch.no_grad(), config.patch(force_disable_caches=True):

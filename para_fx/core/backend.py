@@ -54,7 +54,7 @@ class Options:
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config patches for the Inductor compile
     check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.core.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
-    fuse_projections: bool | None = None  # sibling projections as one matmul (passes/fuse_projections.py); None: on one device
+    fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
     split_vector_matmuls: bool = False  # replicated vectors' matmuls split by columns (passes/split_vector_matmuls.py)
@@ -90,7 +90,7 @@ def backend(
     *,
     check_inputs: str | None = None,
     check_timeout: float = 600.0,
-    fuse_projections: bool | None = None,
+    fuse_projections: bool = False,
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
     split_vector_matmuls: bool = False,
@@ -106,12 +106,13 @@ def backend(
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
     for each other (see :mod:`para_fx.core.agreement`).
 
+    Two passes, off by default: on H200s (FLUX, 1024 px) neither made the step faster by more than
+    about 1% (README, Benchmarks).
     ``fuse_projections``: the projections that read one activation (queries, keys, values) as one
-    matmul, at the cost of one more copy of their weights (:mod:`para_fx.passes.fuse_projections`).
-    None (the default): on for a graph on one device without the cache, where it makes FLUX's step
-    faster on an H200; off on a mesh, where it did not (README, Benchmarks).
-    ``schedule_collectives`` (experimental, off): work that no transfer needs moved behind each
-    collective's start (:mod:`para_fx.passes.schedule`); on 2 H200s it did not make the step faster.
+    matmul, bf16 or fp8, at the cost of one more copy of their weights
+    (:mod:`para_fx.passes.fuse_projections`).
+    ``schedule_collectives``: work that no transfer needs moved behind each collective's start
+    (:mod:`para_fx.passes.schedule`).
 
     ``ring_kv``: how Ring attention brings the other ranks' keys/values: "pass" them round the
     ring, one block per step while the current one computes (memory for two blocks), or "gather"
@@ -141,8 +142,6 @@ def backend(
         check_ring_transport(ring_transport, mesh_info(mesh).ring)  # validates the dims now, not at the first call
     else:
         check_ring_transport(ring_transport, 1)
-    if fuse_projections not in (None, True, False):
-        raise TypeError(f"para_fx.backend: fuse_projections must be True, False or None, got {fuse_projections!r}")
     if cache is not None and not isinstance(cache, FirstBlockCache):
         raise TypeError(f"para_fx.backend: cache must be a para_fx.FirstBlockCache, got {type(cache).__name__}")
     return ParaBackend(
@@ -265,10 +264,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     graph = run_passes(graph, flat_inputs, options, report)
     user_inputs = len(flat_inputs)
     fused = None
-    fuse = options.fuse_projections
-    if fuse is None:  # on one device; with the cache, its check would cost the skipped step
-        fuse = options.mesh is None and options.cache is None
-    groups = fuse_projections(graph, flat_inputs) if fuse else []
+    groups = fuse_projections(graph, flat_inputs) if options.fuse_projections else []
     if groups:
         fused = FusedWeights(groups, flat_inputs)
         flat_inputs = [*flat_inputs, *fused.tensors]
