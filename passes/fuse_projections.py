@@ -66,6 +66,7 @@ class _Member:
     bias: int | None
     scale: int | None
     key: tuple
+    scale_dim: int = 0  # the dim of the scales that runs along the weight's rows
 
 
 def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Group]:
@@ -90,7 +91,7 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
             tuple(m.weight for m in members),
             None if members[0].bias is None else tuple(m.bias for m in members),
             tuple(m.scale for m in members) if scaled else None,
-            _scale_dim(example_inputs[members[0].scale]) if scaled else 0,
+            members[0].scale_dim,
         )
         fake_mode = getattr(members[0].node.args[0].meta.get("val"), "fake_mode", None)  # the graph's own
         fused = []
@@ -162,7 +163,8 @@ def _scaled_projection(node: fx.Node, position: dict[fx.Node, int], inputs: Sequ
     if not isinstance(scale, torch.Tensor) or type(scale) not in (torch.Tensor, torch.nn.Parameter) or tuple(scale.shape) != rows:
         return None  # a scale per tensor: the weights would need one scale between them
     key = ("scaled_mm", _source(op.activation), op.activation_scale, op.scale_transposed, op.out_dtype, op.use_fast_accum)
-    return _Member(node, position[op.weight], None if op.bias is None else position[op.bias], position[op.weight_scale], key)
+    bias = None if op.bias is None else position[op.bias]
+    return _Member(node, position[op.weight], bias, position[op.weight_scale], key, 0 if op.scale_transposed else 1)
 
 
 def _weight_input(weight: fx.Node, bias: fx.Node | None, position: dict[fx.Node, int], inputs: Sequence[Any]) -> bool:
@@ -177,11 +179,6 @@ def _source(activation: Any) -> Any:
     if isinstance(activation, fx.Node) and activation.target in _VIEWS:
         return activation.args[0], tuple(activation.args[1])
     return activation
-
-
-def _scale_dim(scale: torch.Tensor) -> int:
-    """The dim along which per-row scales of several weights are concatenated: their rows'."""
-    return 0 if scale.shape[1] == 1 else 1
 
 
 def _rewrite(graph: fx.Graph, members: list[fx.Node], fused: list[fx.Node], widths: list[int]) -> None:
