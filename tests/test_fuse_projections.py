@@ -111,6 +111,7 @@ def test_fp8_projections_quantize_their_activation_once_fuse_and_match_eager(sca
         outputs = compiled(x, y)
     assert report.fused_projections == [3]
     assert any(note.startswith("fp8: ") and "repeated node(s) merged" in note for note in report.notes)
+    assert any(note.startswith("projections fused: 3 matmuls of shared activations as 1") for note in report.notes)
     final = report.graphs["fuse_projections"]
     assert final.count("aten._scaled_mm.default(") == 2  # q/k/v as one, `other` alone
     assert final.count("aten.amax.default(") == 2  # one quantization of h, one of y
