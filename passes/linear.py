@@ -8,6 +8,8 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from .shard_rules import Call
+
 aten = torch.ops.aten
 _TRANSPOSES = (aten.t.default, aten.permute.default)
 
@@ -53,7 +55,7 @@ def scaled_linear_operands(node: fx.Node) -> ScaledLinear | None:
     scales) nothing else reads, else None."""
     if node.op != "call_function" or node.target is not aten._scaled_mm.default:
         return None
-    a = _by_name(node)
+    a = Call(node).args
     if a.get("scale_result") is not None or not all(isinstance(a[k], fx.Node) for k in ("self", "scale_a", "scale_b")):
         return None
     transposed = a["mat2"]
@@ -70,11 +72,3 @@ def scaled_linear_operands(node: fx.Node) -> ScaledLinear | None:
         out_dtype=a.get("out_dtype"), use_fast_accum=bool(a.get("use_fast_accum", False)),
     )
 
-
-def _by_name(node: fx.Node) -> dict:
-    """The call's arguments by their schema names, defaults filled in."""
-    arguments = node.target._schema.arguments
-    values = {arg.name: arg.default_value for arg in arguments if arg.has_default_value()}
-    values.update(zip((arg.name for arg in arguments), node.args))
-    values.update(node.kwargs)
-    return values
