@@ -412,8 +412,8 @@ class SubclassFlattener:
     other attribute of it are still the objects they were (a reassigned one is flattened again).
     ``check`` (the backend's :class:`~para_fx.core.weight_guards.LayoutCheck`, for the weights whose
     guards it took from Dynamo) sees each input flattened anew (``check.new_weight(position,
-    value)``), and ``check.in_place(parts, names)`` makes the check run on every call that the inner
-    tensors kept their metadata."""
+    value)``), and ``check.in_place(parts, paths)`` (each part's input position and attribute path)
+    makes the check run on every call that the inner tensors kept their metadata."""
 
     def __init__(self, example_inputs: Sequence[Any], check: Any = None):
         self.subclass_positions = [i for i, x in enumerate(example_inputs) if is_traceable_wrapper_subclass(x)]
@@ -432,8 +432,8 @@ class SubclassFlattener:
         links = [link for i in self.subclass_positions for link in self.seen[i][1]]
         in_place = None
         if self.check is not None:
-            names = [f"{i}.{path}" for i in self.subclass_positions for path in self.seen[i][3]]
-            in_place = self.check.in_place([p for inner in parts.values() for p in inner], names)
+            paths = [(i, path) for i in self.subclass_positions for path in self.seen[i][3]]
+            in_place = self.check.in_place([p for inner in parts.values() for p in inner], paths)
         return _LastCall(values, parts, links, in_place)
 
     def _inner(self, position: int, value: Any) -> list[Any]:

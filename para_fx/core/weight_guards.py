@@ -117,7 +117,7 @@ class LayoutCheck:
                 f"model's quantization."
             )
 
-    def in_place(self, parts: Sequence[torch.Tensor], paths: Sequence[str]):
+    def in_place(self, parts: Sequence[torch.Tensor], paths: Sequence[tuple[int, str]]):
         """A check for every call: ``parts`` (the inner tensors, with the layout just checked) keep
         their type, dtype, device, sizes and strides. Dynamo's own check of them, one guard per inner
         tensor, is what :func:`take_over_weight_guards` removed: this is the same C++ check in one call."""
@@ -128,7 +128,7 @@ class LayoutCheck:
 
         def check() -> None:
             if not guards.check(*parts):
-                names = [f"{self.names[int(i)]}.{rest}" for i, rest in (p.split(".", 1) for p in paths)]
+                names = [f"{self.names[position]}.{path}" for position, path in paths]
                 raise RuntimeError(
                     f"para_fx: an inner tensor of a quantized weight changed in place since the graph was compiled "
                     f"({guards.check_verbose(*parts, tensor_check_names=names)}); call torch._dynamo.reset() and "
