@@ -46,13 +46,13 @@ class Group:
     scales: tuple[int, ...] | None = None
     scale_dim: int = 0
 
-    def concatenated(self) -> list[tuple[tuple[int, ...], int]]:
-        """The new inputs, in order: (input positions, dim they are concatenated along)."""
-        parts = [(self.weights, 0)]
+    def concatenated(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """The new inputs, in order: (what they are, input positions, dim they are concatenated along)."""
+        parts = [("weight", self.weights, 0)]
         if self.scales is not None:
-            parts.append((self.scales, self.scale_dim))
+            parts.append(("scale", self.scales, self.scale_dim))
         if self.biases is not None:
-            parts.append((self.biases, 0))
+            parts.append(("bias", self.biases, 0))
         return parts
 
 
@@ -95,9 +95,8 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
         )
         fake_mode = getattr(members[0].node.args[0].meta.get("val"), "fake_mode", None)  # the graph's own
         fused = []
-        for k, (positions, dim) in enumerate(group.concatenated()):
-            name = ("fused_weight", "fused_scale" if scaled else "fused_bias", "fused_bias")[k]
-            last = _input_after(gm.graph, last, f"{name}_{len(groups)}", [example_inputs[i] for i in positions], dim, fake_mode)
+        for kind, positions, dim in group.concatenated():
+            last = _input_after(gm.graph, last, f"fused_{kind}_{len(groups)}", [example_inputs[i] for i in positions], dim, fake_mode)
             fused.append(last)
         widths = [example_inputs[m.weight].shape[0] for m in members]
         (_rewrite_scaled if scaled else _rewrite)(gm.graph, [m.node for m in members], fused, widths)
@@ -227,7 +226,7 @@ class FusedWeights:
 
     def __init__(self, groups: list[Group], inputs: Sequence[Any]):
         self.groups = groups
-        sources = sorted({i for g in groups for positions, _ in g.concatenated() for i in positions})
+        sources = sorted({i for g in groups for _, positions, _ in g.concatenated() for i in positions})
         pick = operator.itemgetter(*sources)
         self.pick = pick if len(sources) > 1 else lambda items: (pick(items),)
         self.seen: tuple[list[int], list[int]] | None = None
@@ -242,7 +241,7 @@ class FusedWeights:
         self.tensors = []  # free the old copies before building new ones
         with torch.no_grad():
             for g in self.groups:
-                for positions, dim in g.concatenated():
+                for _, positions, dim in g.concatenated():
                     self.tensors.append(torch.cat([inputs[i] for i in positions], dim))
         self.seen = seen
 
