@@ -32,6 +32,7 @@ from ..passes.attention_patterns import recognize_attention
 from ..passes.cache import insert_first_block_cache
 from ..passes.cse import merge_common_subexpressions
 from ..passes.fuse_projections import FusedWeights, fuse_projections
+from ..passes.gelu_epilogues import fuse_gelu_epilogues
 from ..passes.schedule import overlap_collectives
 from ..passes.split_vector_matmuls import split_vector_matmuls
 from ..passes.shared_blocks import share_blocks
@@ -55,6 +56,7 @@ class Options:
     check_inputs: str | None = None  # "first", "every" or "off" (see para_fx.core.agreement); None: the environment's
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
+    gelu_epilogues: bool = True  # a linear layer's gelu in its matmul's epilogue on CUDA (passes/gelu_epilogues.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
     split_vector_matmuls: bool = False  # replicated vectors' matmuls split by columns (passes/split_vector_matmuls.py)
@@ -91,6 +93,7 @@ def backend(
     check_inputs: str | None = None,
     check_timeout: float = 600.0,
     fuse_projections: bool = False,
+    gelu_epilogues: bool = True,
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
     split_vector_matmuls: bool = False,
@@ -105,6 +108,9 @@ def backend(
     ("first" call of each graph and shape, "every" call, or "off"; default: the environment
     variable ``PARA_FX_CHECK_INPUTS``, else "first"), waiting at most ``check_timeout`` seconds
     for each other (see :mod:`para_fx.core.agreement`).
+
+    ``gelu_epilogues`` (on): on CUDA, a linear layer followed by a tanh gelu runs as one cuBLASLt
+    matmul with the gelu in its epilogue (:mod:`para_fx.passes.gelu_epilogues`).
 
     Two passes, off by default: on H200s (FLUX, 1024 px) neither made the step faster by more than
     about 1% (README, Benchmarks).
@@ -147,7 +153,7 @@ def backend(
     return ParaBackend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
-            fuse_projections=fuse_projections, schedule_collectives=schedule_collectives,
+            fuse_projections=fuse_projections, gelu_epilogues=gelu_epilogues, schedule_collectives=schedule_collectives,
             shared_blocks=shared_blocks, split_vector_matmuls=split_vector_matmuls, ring_kv=ring_kv,
             ring_transport=ring_transport,
         )
@@ -277,6 +283,8 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
             "backend(fuse_projections=False) keeps them apart)"
         )
         report.add_graph("fuse_projections", graph)
+    if options.gelu_epilogues:
+        _gelu_epilogues_pass(graph, report)
     layout = None
     if options.cache is not None:
         graph, layout, flat_inputs = _cache_pass(graph, flat_inputs, options, report)
@@ -391,6 +399,17 @@ def _split_vector_matmuls_pass(graph: fx.GraphModule, group: Group, options: Opt
             f"ranks, one all-gather; {split.bytes_saved / 2**20:.0f} MiB of weights fewer read per rank and call"
         )
         report.add_graph("split_vector_matmuls", graph)
+
+
+def _gelu_epilogues_pass(graph: fx.GraphModule, report: Report) -> None:
+    fused = fuse_gelu_epilogues(graph)
+    if fused:
+        report.notes.append(
+            f"gelu epilogues: {len(fused)} linear layer(s) and the gelu after each as one matmul "
+            f"(aten._addmm_activation, cuBLASLt's epilogue), the first at {fused[0]}; "
+            "backend(gelu_epilogues=False) keeps them apart"
+        )
+        report.add_graph("gelu_epilogues", graph)
 
 
 def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report):
