@@ -358,7 +358,12 @@ def _exposed_us(comm: list[tuple[float, float]], compute: list[tuple[float, floa
 
 
 def _kernel_kind(name: str) -> str:
+    """Inductor names its Triton kernels after the aten ops fused into them ("triton_red_fused__scaled_mm_...",
+    "..._scaled_dot_product_cudnn_attention_..."): a pointwise or reduction kernel counts as "other",
+    only its matmul templates ("triton_tem_") as matmuls."""
     lowered = name.lower()
+    if lowered.startswith(("triton_poi", "triton_red", "triton_per")):
+        return "other"
     if any(key in lowered for key in ("flash", "fmha", "attention", "attn")):
         return "attention"
     if any(key in lowered for key in ("gemm", "nvjet", "sm90_xmma", "cutlass", "mm_", "_mm", "matmul", "scaled_mm")):
