@@ -6,7 +6,6 @@ arithmetic as the model: the numeric checks enable that device's entry."""
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -138,3 +137,26 @@ def test_cpu_kernel_computes_the_gelu_the_table_says(approximate):
     x, w, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     same = torch.allclose(aten._addmm_activation(b, x, w, use_gelu=True), F.gelu(torch.addmm(b, x, w), approximate=approximate))
     assert same == (approximate == CPU_EXACT["cpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flux_on_one_gpu_in_bf16():
+    """The tanh gelu in cuBLASLt's epilogue on FLUX's 6 feed-forwards (2 double blocks: image and
+    text; 2 single blocks): as close to float32 eager as Inductor's own gelu, within bf16's noise."""
+    from para_fx.testing import zoo
+
+    model, kwargs = zoo.flux()
+    reference = dits.first_tensor(model(**kwargs)).float()
+    model, kwargs = model.to("cuda", torch.bfloat16), {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    kwargs = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    errors = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=para_fx.backend(gelu_epilogues=on))
+        with recording() as report, torch.no_grad():
+            out = dits.first_tensor(compiled(**kwargs)).float().cpu()
+        assert bool([n for n in report.notes if n.startswith("gelu epilogues: 6 ")]) == on
+        errors[on] = float((out - reference).norm() / reference.norm())
+    torch._dynamo.reset()
+    assert errors[True] < max(2 * errors[False], 1e-2), errors
