@@ -99,6 +99,12 @@ def pytest_sessionfinish(session):
     ranks = sys.modules.get("ranks")
     if ranks is not None:
         ranks.stop()
+    # pytest's unraisable-exception check collects all generations five times after this hook, each
+    # a scan of everything the session left alive: one collection here (its garbage's exceptions
+    # are still reported), and what survives it is frozen out of those five scans (after
+    # test_traceable.py and test_backend.py: 1.6 s of collections at the end -> 0.6 s)
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_terminal_summary(terminalreporter):
