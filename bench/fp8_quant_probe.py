@@ -25,6 +25,7 @@ SETTINGS = {  # Inductor config patches tried
     "multi_kernel": {"triton.multi_kernel": 1},
     "no_split_reductions": {"split_reductions": False},
     "realize_opcount_1": {"realize_opcount_threshold": 1},
+    "no_split_coordinate_descent": {"split_reductions": False, "coordinate_descent_tuning": True},
 }
 
 
