@@ -92,10 +92,12 @@ def measure(cls: type, args: tuple, fp8: bool, setting: dict, calls: int = 10) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="fp8_quant_probe.json")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {}
-    for label, setting in SETTINGS.items():
+    for label in args.settings.split(","):
+        setting = SETTINGS[label]
         try:
             results[label] = {f"{name}_{'fp8' if fp8 else 'bf16'}": measure(cls, inputs, fp8, setting)
                               for name, (cls, inputs) in cases().items() for fp8 in (False, True)}

@@ -74,9 +74,11 @@ def measure(setting: dict, calls: int = 10) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="qk_norm_rope_probe.json")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     args = parser.parse_args()
     results = {}
-    for label, setting in SETTINGS.items():
+    for label in args.settings.split(","):
+        setting = SETTINGS[label]
         try:
             results[label] = measure(setting)
         except Exception as error:  # a setting this torch rejects: recorded, the others still run
