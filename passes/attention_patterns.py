@@ -37,7 +37,7 @@ import math
 import torch
 import torch.fx as fx
 
-from para_fx.core.capture import propagate
+from para_fx.core.capture import call_like
 from para_fx.inspect.report import source_line
 
 from .shard_rules import Call, family, val
@@ -179,20 +179,20 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
     """The attention op in place of ``out_bmm``: its ``[B, H, L, Dv]`` output replaces the view that
     unflattened the matmul's, or is flattened as the matmul's was."""
     with graph.inserting_before(out_bmm):
-        key = _untransposed(m.key_t) or _call(graph, aten.transpose.int, (m.key_t, -2, -1), m.softmax)
+        key = _untransposed(m.key_t) or call_like(graph, aten.transpose.int, (m.key_t, -2, -1), m.softmax)
         query, key, value = m.query, key, m.value
         if val(query).dim() == 3:  # no [B, H, ...] view to be found: the B*H matmuls as heads of one sample
-            query, key, value = (_call(graph, aten.unsqueeze.default, (x, 0), m.softmax) for x in (query, key, value))
+            query, key, value = (call_like(graph, aten.unsqueeze.default, (x, 0), m.softmax) for x in (query, key, value))
         bias = m.bias
         if m.hidden is not None:  # one mask: hidden keys -inf in the bias, or False in a boolean mask
-            bias = (_call(graph, aten.logical_not.default, (m.hidden,), m.softmax) if bias is None else
-                    _call(graph, aten.where.ScalarSelf, (m.hidden, -math.inf, bias), m.softmax))
+            bias = (call_like(graph, aten.logical_not.default, (m.hidden,), m.softmax) if bias is None else
+                    call_like(graph, aten.where.ScalarSelf, (m.hidden, -math.inf, bias), m.softmax))
         if bias is not None and val(bias).dtype not in (torch.bool, val(query).dtype):  # widened: exact
-            bias = _call(graph, aten._to_copy.default, (bias,), m.softmax, {"dtype": val(query).dtype})
+            bias = call_like(graph, aten._to_copy.default, (bias,), m.softmax, {"dtype": val(query).dtype})
         while bias is not None and val(bias).dim() < 4:  # the attention op's mask is [B|1, H|1, L, S]
-            bias = _call(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
+            bias = call_like(graph, aten.unsqueeze.default, (bias, 0), m.softmax)
         kwargs = {"attn_mask": bias, "scale": m.scale}
-        attention = _call(graph, aten.scaled_dot_product_attention.default, (query, key, value), m.softmax, kwargs)
+        attention = call_like(graph, aten.scaled_dot_product_attention.default, (query, key, value), m.softmax, kwargs)
         shape = tuple(val(attention).shape)
         for user in list(out_bmm.users):
             if user.target in (aten.view.default, aten._unsafe_view.default) and tuple(val(user).shape) == shape:
@@ -200,22 +200,13 @@ def _rewrite(graph: fx.Graph, out_bmm: fx.Node, m: _Match) -> None:
         if not out_bmm.users:
             return
         if val(m.query).dim() == 3:
-            flat = _call(graph, aten.squeeze.dim, (attention, 0), m.softmax)
+            flat = call_like(graph, aten.squeeze.dim, (attention, 0), m.softmax)
         else:  # read flattened too
             contiguous = {"memory_format": torch.contiguous_format}
-            dense = _call(graph, aten.clone.default, (attention,), m.softmax, contiguous)
-            flat = _call(graph, aten.view.default, (dense, list(val(out_bmm).shape)), m.softmax)
+            dense = call_like(graph, aten.clone.default, (attention,), m.softmax, contiguous)
+            flat = call_like(graph, aten.view.default, (dense, list(val(out_bmm).shape)), m.softmax)
         out_bmm.replace_all_uses_with(flat)
 
-
-def _call(graph: fx.Graph, target, args, like: fx.Node, kwargs=None) -> fx.Node:
-    """A new node with its fake value and ``like``'s source (reports name the model's line)."""
-    node = graph.call_function(target, args, kwargs or {})
-    propagate(node)
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
 
 
 def _untransposed(key_t: fx.Node) -> fx.Node | None:

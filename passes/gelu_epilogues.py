@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from para_fx.core.capture import propagate
+from para_fx.core.capture import call_like
 from para_fx.inspect.dump import source_line
 
 aten = torch.ops.aten
@@ -39,15 +39,11 @@ def fuse_gelu_epilogues(gm: fx.GraphModule, devices: dict[str, str] | None = Non
             continue
         bias, activation, weight = matmul.args
         with gm.graph.inserting_before(gelu):
-            fused_node = gm.graph.call_function(aten._addmm_activation.default, (bias, activation, weight),
-                                                {"use_gelu": True})
-            fused_node.meta.update({k: v for k, v in matmul.meta.items() if k != "val"})
-            propagate(fused_node)
+            fused_node = call_like(gm.graph, aten._addmm_activation.default, (bias, activation, weight), matmul,
+                                   {"use_gelu": True})
             result = fused_node
             if view is not None:
-                result = gm.graph.call_function(view.target, (fused_node, *view.args[1:]), dict(view.kwargs))
-                result.meta.update({k: v for k, v in view.meta.items() if k != "val"})
-                propagate(result)
+                result = call_like(gm.graph, view.target, (fused_node, *view.args[1:]), view, dict(view.kwargs))
         gelu.replace_all_uses_with(result)
         for node in (gelu, view, matmul):
             if node is not None:

@@ -126,6 +126,16 @@ def propagate(node: fx.Node) -> None:
     _set_value(node, args[0][args[1]] if node.target is operator.getitem else node.target(*args, **kwargs))
 
 
+def call_like(graph: fx.Graph, target: Any, args: tuple, like: fx.Node, kwargs: dict | None = None) -> fx.Node:
+    """A new node of ``graph`` with its fake value and ``like``'s call metadata (:data:`_CALL_META`:
+    the model's source line and module path that reports show, its placement): a pass's
+    replacement for ``like``."""
+    node = graph.call_function(target, args, kwargs or {})
+    propagate(node)
+    node.meta.update({k: like.meta[k] for k in _CALL_META if k in like.meta})
+    return node
+
+
 def _set_value(node: fx.Node, value: Any) -> None:
     """``meta["val"]`` and ``meta["tensor_meta"]`` as ``make_fx`` records them (less its detached
     copy: each call here makes a new fake value, which nothing else holds)."""
