@@ -18,7 +18,8 @@ import json
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+
+from harness import kernel_ms_by_name
 
 SETTINGS = {  # Inductor config patches tried
     "default": {},
@@ -75,14 +76,7 @@ def measure(cls: type, args: tuple, fp8: bool, setting: dict, calls: int = 10) -
         for _ in range(3):
             got = compiled(*args)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                compiled(*args)
-            torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name[:90]] = kernels.get(event.name[:90], 0.0) + event.device_time_total / 1e3 / calls
+        kernels = kernel_ms_by_name(lambda: compiled(*args), calls, width=90)
     gemm = sum(ms for name, ms in kernels.items() if any(s in name for s in ("nvjet", "gemm", "cutlass")))
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     return {"total_ms": round(sum(kernels.values()), 4), "gemm_ms": round(gemm, 4), "rel_err_vs_eager": error,

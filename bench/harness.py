@@ -226,6 +226,22 @@ def cuda_median_ms(fn: Callable[[], Any], repeat: int = 30, warmup: int = 3) -> 
     return median(times)
 
 
+def kernel_ms_by_name(fn: Callable[[], Any], calls: int = 10, width: int = 120) -> dict[str, float]:
+    """Device milliseconds per call of ``fn()`` under the profiler, by kernel name (its first
+    ``width`` characters), largest first: what the one-pattern probes report."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name[:width]] = by_name.get(event.name[:width], 0.0) + event.device_time_total / 1e3 / calls
+    return dict(sorted(by_name.items(), key=lambda item: -item[1]))
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -20,9 +20,8 @@ import json
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
-from harness import cuda_median_ms, environment
+from harness import cuda_median_ms, environment, kernel_ms_by_name
 
 aten = torch.ops.aten
 DIM, HIDDEN = 3072, 12288
@@ -57,18 +56,6 @@ def feed_forward_epilogue(x, w_in, b_in, w_out, b_out):
     return F.linear(aten._addmm_activation(b_in, x, w_in.t(), use_gelu=True), w_out, b_out)
 
 
-def kernels(fn) -> dict[str, float]:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    by_name: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_name[event.name[:120]] = by_name.get(event.name[:120], 0.0) + event.device_time_total / 1e3 / 5
-    return {name: round(ms, 4) for name, ms in sorted(by_name.items(), key=lambda item: -item[1])}
-
-
 def measure(variants: dict, args: tuple) -> dict:
     reference = variants[next(iter(variants))](*(a.double() for a in args)).float()
     results = {}
@@ -79,7 +66,7 @@ def measure(variants: dict, args: tuple) -> dict:
         results[name] = {
             "ms": round(cuda_median_ms(run, repeat=50, warmup=5), 4),
             "rel_err_vs_fp64": float((out - reference).norm() / reference.norm()),
-            "kernels": kernels(run),
+            "kernels": {name: round(ms, 4) for name, ms in kernel_ms_by_name(run, calls=5).items()},
         }
         torch._dynamo.reset()
     return results

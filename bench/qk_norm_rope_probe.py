@@ -17,7 +17,8 @@ import argparse
 import json
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from harness import kernel_ms_by_name
 
 SETTINGS = {  # Inductor config patches tried
     "default": {},
@@ -57,18 +58,11 @@ def measure(setting: dict, calls: int = 10) -> dict:
         for _ in range(3):
             got = compiled(*args, **kwargs)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                compiled(*args, **kwargs)
-            torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name[:110]] = kernels.get(event.name[:110], 0.0) + event.device_time_total / 1e3 / calls
+        kernels = kernel_ms_by_name(lambda: compiled(*args, **kwargs), calls, width=110)
     triton = sum(ms for name, ms in kernels.items() if name.startswith("triton_"))
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     return {"total_ms": round(sum(kernels.values()), 4), "triton_ms": round(triton, 4), "rel_err_vs_eager": error,
-            "kernels": {name: round(ms, 4) for name, ms in sorted(kernels.items(), key=lambda item: -item[1])}}
+            "kernels": {name: round(ms, 4) for name, ms in kernels.items()}}
 
 
 def main() -> None:
