@@ -4,8 +4,9 @@ Inductor compiles it, next to the same code in bf16, under a few Inductor settin
 The fp8 FLUX step's GEMMs are twice as fast as bf16's, but quantising the activations adds Triton
 kernels: a single block's ``proj_out(cat(attention, gelu(mlp)))`` and a double block's
 ``ff_out(gelu(hidden))`` read 12288-15360 columns per row, once for the row's amax and again to
-quantise. This times those two patterns alone (kernel time under the profiler, per call) so a
-setting can be judged in a minute instead of a two-minute FLUX compile.
+quantise; a single block's modulated layer norm is a reduction over 3072 columns, and with fp8 the
+row's amax joins it. This times those three patterns alone (kernel time under the profiler, per
+call) so a setting can be judged in a minute instead of a two-minute FLUX compile.
 
     python bench/fp8_quant_probe.py --out results/fp8_quant_probe_<gpu>.json
 """
@@ -21,8 +22,12 @@ import torch.nn.functional as F
 
 from harness import kernel_ms_by_name
 
+from para_fx.core.reductions import WideRowReductions, choices_of
+
 SETTINGS = {  # Inductor config patches tried
     "default": {},
+    "wide_persistent_rows": {"inductor_choices_class": WideRowReductions},
+    "no_split_wide_persistent_rows": {"split_reductions": False, "inductor_choices_class": WideRowReductions},
     "multi_kernel": {"triton.multi_kernel": 1},
     "no_split_reductions": {"split_reductions": False},
     "realize_opcount_1": {"realize_opcount_threshold": 1},
@@ -53,11 +58,24 @@ class FeedForwardOutput(nn.Module):
         return self.out(F.gelu(hidden, approximate="tanh"))
 
 
+class NormedInput(nn.Module):
+    """FLUX's single block before its MLP: the residual's layer norm, modulated, then projected."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(3072, elementwise_affine=False, eps=1e-6)
+        self.proj_mlp = nn.Linear(3072, 12288)
+
+    def forward(self, hidden: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.proj_mlp(self.norm(hidden) * (1 + scale[:, None]) + shift[:, None])
+
+
 def cases() -> dict[str, tuple[type, tuple[torch.Tensor, ...]]]:
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     return {
         "single": (SingleBlockOutput, (torch.randn(1, 24, 4608, 128, **bf16), torch.randn(1, 4608, 12288, **bf16))),
         "double": (FeedForwardOutput, (torch.randn(1, 4096, 12288, **bf16),)),
+        "norm": (NormedInput, (torch.randn(1, 4608, 3072, **bf16), torch.randn(1, 3072, **bf16), torch.randn(1, 3072, **bf16))),
     }
 
 
@@ -70,7 +88,7 @@ def measure(cls: type, args: tuple, fp8: bool, setting: dict, calls: int = 10) -
     module = cls().to("cuda", torch.bfloat16).eval()
     if fp8:
         quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
-    with config.patch(setting), torch.no_grad():
+    with config.patch(setting), choices_of(setting), torch.no_grad():
         compiled = torch.compile(module)
         expected = module(*args)
         for _ in range(3):

@@ -164,11 +164,13 @@ def test_a_shape_compiled_at_call_time_uses_inductors_graph_cache():
 
 
 def test_fp8_graphs_compile_with_each_rows_amax_unsplit_unless_asked():
-    """A quantised matmul's per-row amax and its quantisation become one kernel with Inductor's
-    split_reductions off (one H200: 4.4 ms less a FLUX step); explain says so; the user's own value wins."""
+    """A quantised matmul's per-row amax and its quantisation become one kernel that reads each row
+    once: Inductor's split_reductions off and wide rows persistent (one H200: 4.4 ms less a FLUX step
+    from the first); explain says so; the user's own values win."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from para_fx.core.backend import Options, _with_fp8_settings
+    from para_fx.core.reductions import WideRowReductions
     from para_fx.inspect.report import Report
     from para_fx.testing.dits import Fp8Linear
 
@@ -177,8 +179,52 @@ def test_fp8_graphs_compile_with_each_rows_amax_unsplit_unless_asked():
     with torch.no_grad():
         notes = para_fx.explain(model, (x,)).notes
         fp8_graph, plain_graph = make_fx(model)(x), make_fx(torch.nn.Linear(16, 16))(x)
-    assert any(n.startswith("fp8: 1 scaled matmul(s)") and "'split_reductions': False" in n for n in notes)
-    assert _with_fp8_settings(fp8_graph, Options(), Report()).inductor == {"split_reductions": False}
+    assert any(n.startswith("fp8: 1 scaled matmul(s)") and "split_reductions, inductor_choices_class set" in n
+               for n in notes), notes
+    both = {"split_reductions": False, "inductor_choices_class": WideRowReductions}
+    assert _with_fp8_settings(fp8_graph, Options(), Report()).inductor == both
     asked = Options(inductor={"split_reductions": True})
-    assert _with_fp8_settings(fp8_graph, asked, Report()).inductor == {"split_reductions": True}
+    assert _with_fp8_settings(fp8_graph, asked, Report()).inductor == {**both, "split_reductions": True}
+    asked = Options(inductor={"split_reductions": True, "inductor_choices_class": None})
+    assert _with_fp8_settings(fp8_graph, asked, Report()).inductor == asked.inductor
     assert _with_fp8_settings(plain_graph, Options(), Report()).inductor == {}
+    assert _with_fp8_settings(fp8_graph, Options(compiler="aot_eager"), Report()).inductor == {}
+
+
+def test_a_compiles_choices_class_is_the_one_its_config_names():
+    """Inductor builds its choices object once per thread and keeps it: the class a compile's
+    patches name is installed for that compile alone, and the thread's own is back after it."""
+    from torch._inductor.virtualized import V
+
+    from para_fx.core.reductions import WideRowReductions, choices_of
+
+    before = V.choices
+    with choices_of({"inductor_choices_class": WideRowReductions}):
+        assert type(V.choices) is WideRowReductions
+    assert V.choices is before and type(before) is not WideRowReductions
+    with choices_of({"split_reductions": False}):
+        assert V.choices is before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_wide_quantised_row_is_read_once_on_the_gpu():
+    """On a GPU, an fp8 layer's per-row amax and quantisation of a 12288-wide gelu output compile to
+    one persistent kernel (``triton_per_``: the row read once), its output eager's to rounding."""
+    from torch._inductor.utils import run_and_get_code
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    model = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), torch.nn.Linear(12288, 256))
+    model = model.to("cuda", torch.bfloat16)
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
+    x = torch.randn(512, 12288, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), config.patch(force_disable_caches=True):
+        out, (code, *_) = run_and_get_code(torch.compile(model, backend="para"), x)
+        expected = model(x)
+    torch._dynamo.reset()
+    kernels = {line.split()[0] for line in code.splitlines() if line.startswith("triton_") and " = async_compile" in line}
+    assert any(k.startswith("triton_per_") and "amax" in k for k in kernels), kernels
+    assert not any(k.startswith("triton_red_") and "amax" in k for k in kernels), kernels
+    error = (out.float() - expected.float()).norm() / expected.float().norm()
+    assert error < 1e-2, error

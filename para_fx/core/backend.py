@@ -326,9 +326,18 @@ class _FlattenSubclasses:
 # One H200, FLUX with torchao's per-row fp8 (2026-12-01): Inductor splits each row's amax of the
 # activations a quantised matmul reads into two kernels and quantises in a third; unsplit, amax and
 # quantisation are one kernel: 4.4 ms less kernel time a step (95.2 -> 90.8 ms; README, Benchmarks).
+# That kernel still read each 12288-15360 wide row twice (amax, then quantise): Inductor keeps a row
+# in registers only up to 1024 values; para_fx.core.reductions widens that for these graphs.
 # Not with the cache: its decision is a reduction over the whole residual, which one kernel alone
 # would make slower, and the skipped step with fp8 has not been measured so.
-FP8_SETTINGS = {"split_reductions": False}
+FP8_SETTINGS = ("split_reductions", "inductor_choices_class")
+
+
+def fp8_settings() -> dict[str, Any]:
+    """The values of :data:`FP8_SETTINGS` (imported when asked: Inductor's heuristics cost seconds to import)."""
+    from para_fx.core.reductions import WideRowReductions
+
+    return {"split_reductions": False, "inductor_choices_class": WideRowReductions}
 
 
 def _scaled_matmuls(graph: fx.GraphModule) -> int:
@@ -336,18 +345,19 @@ def _scaled_matmuls(graph: fx.GraphModule) -> int:
 
 
 def _with_fp8_settings(graph: fx.GraphModule, options: Options, report: Report) -> Options:
-    """``options`` with :data:`FP8_SETTINGS` under the user's own, for a graph of fp8 matmuls."""
+    """``options`` with :func:`fp8_settings` under the user's own, for a graph of fp8 matmuls."""
     fp8 = _scaled_matmuls(graph)
-    settings = {k: v for k, v in FP8_SETTINGS.items() if k not in options.inductor}
-    if not fp8 or not settings:
+    keys = [k for k in FP8_SETTINGS if k not in options.inductor]
+    if not fp8 or not keys:
         return options
     report.notes.append(
-        f"fp8: {fp8} scaled matmul(s); with Inductor the graph compiles with {settings}, so that each row's "
-        "amax and its quantisation are one kernel"
+        f"fp8: {fp8} scaled matmul(s); with Inductor the graph compiles with {', '.join(keys)} set, so that each "
+        "row's amax and its quantisation are one kernel that reads the row once (para_fx/core/reductions.py)"
     )
     if options.compiler != "inductor":
         return options
-    return dataclasses.replace(options, inductor={**options.inductor, **settings})
+    settings = fp8_settings()
+    return dataclasses.replace(options, inductor={**options.inductor, **{k: settings[k] for k in keys}})
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
@@ -461,8 +471,10 @@ def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], options: Op
         return lookup_backend("aot_eager")(graph, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    from para_fx.core.reductions import choices_of
+
     patches = {**overlap_settings(), **HOST_SETTINGS, **options.inductor}
-    with _tracing_context():
+    with _tracing_context(), choices_of(patches):
         return compile_fx(graph, example_inputs, config_patches=patches)
 
 
