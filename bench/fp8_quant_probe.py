@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from harness import kernel_ms_by_name
 
-from para_fx.core.reductions import WideRowReductions, choices_of
+from para_fx.core.inductor_choices import WideRowReductions, choices_of
 
 SETTINGS = {  # Inductor config patches tried
     "default": {},

@@ -210,6 +210,25 @@ def _step_times_ms(step, inputs, device, warmup, iters) -> list[float]:
     return times
 
 
+def pipelined_ms_per_step(step: Callable[[dict], Any], inputs: list[dict], device: torch.device,
+                          iters: int) -> float | None:
+    """Milliseconds a step when ``iters`` calls are enqueued back to back and nothing reads a result
+    in between, as a sampling loop runs them (diffusers' schedulers keep their step sizes on the
+    host): a step's host work then runs while the device works on the step before, where
+    :func:`step_times_ms`, which waits for each step, adds it to the step. CUDA only."""
+    if device.type != "cuda":
+        return None
+    with gpu_turn():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(iters):
+            step(inputs[i % len(inputs)])
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def cuda_median_ms(fn: Callable[[], Any], repeat: int = 30, warmup: int = 3) -> float:
     """Median CUDA-event time of ``fn()`` in ms, one event pair per call (kernel-level benches)."""
     for _ in range(warmup):

@@ -26,6 +26,7 @@ from ..runtime.attention import RING_KV, check_ring_transport
 from ..runtime.cache import CachedGraph
 from .capture import SubclassFlattener, capture_aten, flatten_subclasses, inline_helpers, input_name, scalar_reads
 from .mesh import init_mesh, mesh_info
+from .reductions import INDUCTOR_ROW_LIMIT, PERSISTENT_ROW_LIMIT, wide_rows
 from .static_inputs import mark_static_inputs, static_flags
 from .weight_guards import LayoutCheck, take_over_weight_guards
 from ..passes.attention_patterns import recognize_attention
@@ -38,6 +39,7 @@ from ..passes.split_vector_matmuls import split_vector_matmuls
 from ..passes.shared_blocks import share_blocks
 from ..passes.shard import ShardSpec, shard
 from ..passes.shard_rules import Group
+from ..inspect.dump import source_line
 from ..inspect.report import Report, collectives_of
 
 log = logging.getLogger("para_fx")
@@ -294,6 +296,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
     report.graph_count = 1
     if layout is None:
         options = _with_fp8_settings(graph, options, report)
+    _wide_rows_note(graph, options, report)
     for recorder in _RECORDERS:
         recorder.extend(report)
     mark_static_inputs(graph, gm, static)
@@ -326,18 +329,9 @@ class _FlattenSubclasses:
 # One H200, FLUX with torchao's per-row fp8 (2026-12-01): Inductor splits each row's amax of the
 # activations a quantised matmul reads into two kernels and quantises in a third; unsplit, amax and
 # quantisation are one kernel: 4.4 ms less kernel time a step (95.2 -> 90.8 ms; README, Benchmarks).
-# That kernel still read each 12288-15360 wide row twice (amax, then quantise): Inductor keeps a row
-# in registers only up to 1024 values; para_fx.core.reductions widens that for these graphs.
 # Not with the cache: its decision is a reduction over the whole residual, which one kernel alone
 # would make slower, and the skipped step with fp8 has not been measured so.
-FP8_SETTINGS = ("split_reductions", "inductor_choices_class")
-
-
-def fp8_settings() -> dict[str, Any]:
-    """The values of :data:`FP8_SETTINGS` (imported when asked: Inductor's heuristics cost seconds to import)."""
-    from para_fx.core.reductions import WideRowReductions
-
-    return {"split_reductions": False, "inductor_choices_class": WideRowReductions}
+FP8_SETTINGS = {"split_reductions": False}
 
 
 def _scaled_matmuls(graph: fx.GraphModule) -> int:
@@ -345,19 +339,29 @@ def _scaled_matmuls(graph: fx.GraphModule) -> int:
 
 
 def _with_fp8_settings(graph: fx.GraphModule, options: Options, report: Report) -> Options:
-    """``options`` with :func:`fp8_settings` under the user's own, for a graph of fp8 matmuls."""
+    """``options`` with :data:`FP8_SETTINGS` under the user's own, for a graph of fp8 matmuls."""
     fp8 = _scaled_matmuls(graph)
-    keys = [k for k in FP8_SETTINGS if k not in options.inductor]
-    if not fp8 or not keys:
+    settings = {k: v for k, v in FP8_SETTINGS.items() if k not in options.inductor}
+    if not fp8 or not settings:
         return options
     report.notes.append(
-        f"fp8: {fp8} scaled matmul(s); with Inductor the graph compiles with {', '.join(keys)} set, so that each "
-        "row's amax and its quantisation are one kernel that reads the row once (para_fx/core/reductions.py)"
+        f"fp8: {fp8} scaled matmul(s); with Inductor the graph compiles with {settings}, so that each row's "
+        "amax and its quantisation are one kernel"
     )
     if options.compiler != "inductor":
         return options
-    settings = fp8_settings()
-    return dataclasses.replace(options, inductor={**options.inductor, **{k: settings[k] for k in keys}})
+    return dataclasses.replace(options, inductor={**options.inductor, **settings})
+
+
+def _wide_rows_note(graph: fx.GraphModule, options: Options, report: Report) -> None:
+    rows = wide_rows(graph) if "inductor_choices_class" not in options.inductor else []
+    if rows:
+        report.notes.append(
+            f"persistent rows: with Inductor on a GPU, {len(rows)} reduction(s) along rows of "
+            f"{INDUCTOR_ROW_LIMIT + 1}-{PERSISTENT_ROW_LIMIT} values (layer norms, fp8 row scales) keep the row in "
+            f"registers and read it once, the first at "
+            f"{source_line(rows[0])}; options={{'inductor_choices_class': None}} keeps Inductor's own limit"
+        )
 
 
 def run_passes(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report) -> fx.GraphModule:
@@ -471,9 +475,9 @@ def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], options: Op
         return lookup_backend("aot_eager")(graph, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    from para_fx.core.reductions import choices_of
+    from para_fx.core.inductor_choices import WideRowReductions, choices_of
 
-    patches = {**overlap_settings(), **HOST_SETTINGS, **options.inductor}
+    patches = {**overlap_settings(), **HOST_SETTINGS, "inductor_choices_class": WideRowReductions, **options.inductor}
     with _tracing_context(), choices_of(patches):
         return compile_fx(graph, example_inputs, config_patches=patches)
 
