@@ -210,23 +210,24 @@ def _step_times_ms(step, inputs, device, warmup, iters) -> list[float]:
     return times
 
 
-def pipelined_ms_per_step(step: Callable[[dict], Any], inputs: list[dict], device: torch.device,
-                          iters: int) -> float | None:
-    """Milliseconds a step when ``iters`` calls are enqueued back to back and nothing reads a result
-    in between, as a sampling loop runs them (diffusers' schedulers keep their step sizes on the
-    host): a step's host work then runs while the device works on the step before, where
-    :func:`step_times_ms`, which waits for each step, adds it to the step. CUDA only."""
+def pipelined_step_times_ms(step: Callable[[dict], Any], inputs: list[dict], device: torch.device,
+                            iters: int) -> list[float] | None:
+    """Milliseconds of each of ``iters`` calls enqueued back to back, nothing reading a result in
+    between, as a sampling loop runs them (diffusers' schedulers keep their step sizes on the host):
+    a step's host work then runs while the device works on the step before, where
+    :func:`step_times_ms`, which waits for each step, adds it to the step. An event between each two
+    calls times each one on the device. CUDA only."""
     if device.type != "cuda":
         return None
     with gpu_turn():
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        events[0].record()
         for i in range(iters):
             step(inputs[i % len(inputs)])
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) / iters
+            events[i + 1].record()
+        events[-1].synchronize()
+    return [begin.elapsed_time(end) for begin, end in zip(events, events[1:])]
 
 
 def cuda_median_ms(fn: Callable[[], Any], repeat: int = 30, warmup: int = 3) -> float:
