@@ -20,8 +20,41 @@ import torch
 
 from harness import kernel_ms_by_name
 
+from para_fx.core.inductor_choices import WideRowReductions, choices_of
+
+DECISIONS: list[dict] = []  # what the recording choices below saw: each reduction's hint, width, verdict
+
+
+class RecordingRows(WideRowReductions):
+    """para's choices, recording each reduction's hint and width and whether it is kept persistent."""
+
+    any_hint = False
+
+    def uuid(self) -> str:
+        return f"qk_norm_rope_probe.{type(self).__name__}"
+
+    @classmethod
+    def should_use_persistent_reduction(cls, features, cooperative_reduction: bool) -> bool:
+        from torch._inductor.virtualized import V
+
+        small = V.graph.sizevars.statically_known_leq(features.reduction_numel, 1024)
+        persistent = (cls.any_hint and small and not cooperative_reduction) or \
+            WideRowReductions.should_use_persistent_reduction(features, cooperative_reduction)
+        DECISIONS.append({"choices": cls.__name__, "hint": str(features.get_reduction_hint()),
+                          "width": str(features.reduction_numel), "persistent": persistent})
+        return persistent
+
+
+class AnyHintRows(RecordingRows):
+    """Also rows of up to 1024 values persistent whatever Inductor's hint for them."""
+
+    any_hint = True
+
+
 SETTINGS = {  # Inductor config patches tried
     "default": {},
+    "para_rows": {"inductor_choices_class": RecordingRows},
+    "any_hint_rows": {"inductor_choices_class": AnyHintRows},
     "no_split_reductions": {"split_reductions": False},
     "coordinate_descent": {"coordinate_descent_tuning": True},
     "multi_kernel": {"triton.multi_kernel": 1},
@@ -52,7 +85,7 @@ def measure(setting: dict, calls: int = 10) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     module, args, kwargs = flux_single_attention()
-    with config.patch(setting), torch.no_grad():
+    with config.patch(setting), choices_of(setting), torch.no_grad():
         compiled = torch.compile(module)
         expected = module(*args, **kwargs)
         for _ in range(3):
@@ -79,7 +112,8 @@ def main() -> None:
             results[label] = {"error": repr(error)[:400]}
         print(label, {k: v for k, v in results[label].items() if k in ("total_ms", "triton_ms", "error")}, flush=True)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": results,
+                   "decisions": DECISIONS}, f, indent=1)
 
 
 if __name__ == "__main__":
