@@ -15,6 +15,7 @@ import io
 import os
 import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -40,13 +41,16 @@ CASES = {
     "plain_dit": (["--max-batch", "1"], "plain_dit.pt", ("latent", (1, 4, 10, 14))),
 }
 SCRIPTS = ("plain_dit",)
-# HunyuanVideo's and Mochi's examples are the same common.run_pipeline as CogVideoX's (a video saved
-# as a GIF from PIL frames) with their own tiny pipelines, which tests/test_pipelines.py runs on 2
-# ranks with their transformers and VAEs parallel, against one process; their scripts' flags are
-# read in-process below. FLUX's is the README's examples/pipeline.py --tiny (tests/test_readme.py):
-# its tiny pipeline on 2 ranks, the parallel VAE, the PNG saved on rank 0; the image branch of
-# common.save is run in-process below. Not run here again: three compiles of pipelines.
-CHECKED_BY_PIPELINES = ("flux", "hunyuan_video", "mochi")
+# HunyuanVideo's, Mochi's and CogVideoX's examples are the same common.run_pipeline as Wan's (which
+# runs on the ranks below: its flags, the cache's two states, a video saved as a GIF) with their own
+# tiny pipelines, which tests/test_pipelines.py runs on 2 ranks with their transformers and VAEs
+# parallel, against one process (CogVideoX on the CFG batch split its example asks for,
+# --max-batch 2); their scripts' flags are read in-process below, and the GIF branch of common.save
+# for PIL frames (theirs; Wan's frames are arrays). FLUX's is the README's examples/pipeline.py --tiny
+# (tests/test_readme.py): its tiny pipeline on 2 ranks, the parallel VAE, the PNG saved on rank 0;
+# the image branch of common.save is run in-process below. Not run here again: four compiles of
+# pipelines (CogVideoX's on the ranks: about 3.5 s of CPU on each of 2 ranks).
+CHECKED_BY_PIPELINES = ("flux", "hunyuan_video", "mochi", "cogvideox")
 ON_RANKS = [name for name in CASES if name not in SCRIPTS + CHECKED_BY_PIPELINES]
 
 
@@ -136,6 +140,8 @@ def test_examples_checked_by_the_pipeline_cases_build_their_tiny_pipeline_from_t
     example = importlib.import_module(name).EXAMPLE
     args = common.example_args(example, argv=flags(name, CASES[name][1]))
     assert (args.tiny, args.steps, args.compiler, args.out) == (True, 2, "aot_eager", CASES[name][1])
+    if name == "cogvideox":  # on 2 ranks, the CFG batch split its case in tests/test_pipelines.py runs on (2x1x1)
+        assert args.max_batch == 2
     pipe, kwargs = example.tiny(args)
     assert "output_type" not in kwargs and kwargs["num_inference_steps"] == 2
     assert type(pipe).__name__ == type(tiny_pipelines.BUILDERS[name]()[0]).__name__
@@ -143,5 +149,9 @@ def test_examples_checked_by_the_pipeline_cases_build_their_tiny_pipeline_from_t
         out = tmp_path / CASES[name][1]
         common.save(pipe(**kwargs, generator=torch.Generator().manual_seed(0)), str(out), example.fps)
         assert saved(name, out) == CASES[name][2]
-    else:  # a video: common.save writes the GIF as CogVideoX's example does
+    else:  # a video: common.save writes PIL frames (the pipeline's default output) as a GIF
         assert CASES[name][1].endswith(".gif")
+        frames = [Image.new("RGB", (14, 10), (16 * i, 0, 0)) for i in range(CASES[name][2][1])]
+        out = tmp_path / CASES[name][1]
+        common.save(types.SimpleNamespace(frames=[frames]), str(out), example.fps)
+        assert saved(name, out) == CASES[name][2]
