@@ -306,10 +306,13 @@ def ranks_cached(mesh_shape, name, thresholds):
     return outs, stats, dist.get_rank()
 
 
-# Every model where the decision is agreed over one group (sequence or batch, 2 ranks); on 4 ranks,
-# where two groups agree, one model per mesh: FLUX on Ring 2 x Ulysses 2 (also its hybrid outputs,
-# which tests/test_shard.py does not run again) and the plain DiT on batch 2 x Ulysses 2.
-SAME_BRANCH = [(mesh_shape, name) for mesh_shape in [(1, 1, 2), (2, 1, 1)] for name in MODELS] + [
+# Every model where the decision is agreed over the batch group (2 ranks), and the plain DiT where
+# it is agreed over the sequence group (Ulysses 2): FLUX's and Wan's cached pipelines run there, in
+# tests/test_pipelines.py (every step's output and the cache's statistics against the cached single
+# process, on every rank; Wan's with its two states, cond and uncond). On 4 ranks, where two groups
+# agree, one model per mesh: FLUX on Ring 2 x Ulysses 2 (also its hybrid outputs, which
+# tests/test_shard.py does not run again) and the plain DiT on batch 2 x Ulysses 2.
+SAME_BRANCH = [((1, 1, 2), "patch_dit")] + [((2, 1, 1), name) for name in MODELS] + [
     ((1, 2, 2), "flux"),
     ((2, 1, 2), "patch_dit"),
 ]
