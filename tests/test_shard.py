@@ -33,8 +33,8 @@ MESHES = {
     (1, 2, 1): ["flux", "wan", "joint_dit", "patch_dit", "fp8_patch_dit", "row_dit"],
     (2, 1, 1): ["patch_dit"],
     # SD3, CogVideoX and Qwen-Image join text and image tokens into one attention as the joint DiT and
-    # FLUX do: on the hybrid mesh those two stand for them (structure here, outputs on real ranks);
-    # theirs are read on Ulysses 2, where their outputs are checked too
+    # FLUX do: on the hybrid mesh those two stand for them (structure here, FLUX's outputs on real
+    # ranks, see ELSEWHERE); theirs are read on Ulysses 2, where their outputs are checked too
     (1, 2, 2): ["flux", "hunyuan_video", "joint_dit", *BATCH_TWO],
     (1, 4, 1): ["wan", "patch_dit"],
     (2, 1, 2): ["patch_dit"],
@@ -219,7 +219,8 @@ def compiled_error(mesh_shape, name):
 # Outputs checked elsewhere, not run again here: FLUX on Ulysses 2 (examples/demo.py through
 # aot_eager, tests/test_quiet.py; examples/usage.py, the same on CPU, tests/test_readme.py); FLUX on
 # the hybrid 1x2x2 mesh (every step of a cached trajectory against one process, tests/test_cache.py).
-# SD3, CogVideoX and Qwen-Image on 1x2x2: see MESHES (the joint DiT runs there). HunyuanVideo on
+# SD3, CogVideoX and Qwen-Image on 1x2x2: see MESHES (FLUX's outputs there, above, stand for their
+# joint text and image attention, as the joint DiT's structure does). HunyuanVideo on
 # 1x2x2 (its 4 ranks cost the most of any case): its masked joint attention runs on Ulysses 2 here
 # and on Ring 2 in its pipeline (tests/test_pipelines.py), masked keys on the hybrid mesh in
 # tests/test_attention.py, its structure on 1x2x2 above. The joint DiT on Ring 2: the first call of
@@ -228,10 +229,14 @@ def compiled_error(mesh_shape, name):
 # both is read above); the complex rotary embedding acts on each rank's tokens before the attention,
 # whatever the mesh (on Ulysses 2 here; the hybrid mesh's attention with the other batch-2 models);
 # the patch DiT on the uneven Ring 4 is Wan's case there with plain blocks (on Ring 2 and both batch
-# meshes here).
+# meshes here); the joint DiT on 1x2x2 is FLUX's joint attention there with plain blocks (FLUX's
+# cached trajectory above; the joint DiT's structure is read on 1x2x2 above, its outputs on Ulysses
+# 2 here). Wan on Ulysses 2: its pipeline (tests/test_pipelines.py) runs the same tiny transformer
+# at batch 1 there, with two blocks, every step against one process.
 ELSEWHERE = {
     ((1, 1, 2), "flux"), ((1, 2, 2), "flux"), ((1, 2, 2), "hunyuan_video"), ((1, 2, 1), "joint_dit"),
-    ((1, 2, 2), "dit"), ((1, 2, 2), "complex_rope_dit"), ((1, 4, 1), "patch_dit"),
+    ((1, 2, 2), "dit"), ((1, 2, 2), "complex_rope_dit"), ((1, 4, 1), "patch_dit"), ((1, 1, 2), "wan"),
+    ((1, 2, 2), "joint_dit"),
 }
 NUMERIC_CASES = [case for case in CASES if case not in ELSEWHERE] + [((1, 1, 2), "linear_attention_dit")]
 for _mesh_shape, _name in NUMERIC_CASES:
