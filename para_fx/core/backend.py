@@ -475,8 +475,9 @@ def _inner_compile(graph: fx.GraphModule, example_inputs: list[Any], options: Op
         return lookup_backend("aot_eager")(graph, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    from para_fx.core.inductor_choices import WideRowReductions, choices_of
+    from .inductor_choices import WideRowReductions, choices_of
 
+    # rows of up to 4096 values reduced in registers (core/inductor_choices.py; README, Design)
     patches = {**overlap_settings(), **HOST_SETTINGS, "inductor_choices_class": WideRowReductions, **options.inductor}
     with _tracing_context(), choices_of(patches):
         return compile_fx(graph, example_inputs, config_patches=patches)
