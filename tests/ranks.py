@@ -72,6 +72,7 @@ skip_guard_latency_profile()
 _CASES: dict[int, dict[str, tuple]] = {}
 _SPAWNS: dict[int, "Spawn"] = {}
 _PRELOADED: list[bool] = []  # the fork server's modules are set once, before it starts
+_EARLY: set[tuple[int, str]] = set()  # (world, case): run first in their spawn (``add(early=True)``)
 SECONDS: dict[tuple[int, str], tuple[float, float]] = {}  # (world, case) -> rank 0's wall and CPU seconds
 
 
@@ -81,16 +82,23 @@ def spawn_world(world: int) -> int:
     return host if host in _CASES else world
 
 
-def add(world: int, name: str, fn: Callable, *args: Any, prepared: Callable[[], Any] | None = None) -> None:
+def add(
+    world: int, name: str, fn: Callable, *args: Any, prepared: Callable[[], Any] | None = None, early: bool = False
+) -> None:
     """Register ``fn(*args)`` to run on ``world`` ranks, each in a process group of that size.
 
     ``prepared``: a function the parent calls when the case's result is first asked for, whose
     value is passed as the last argument: what is costly to make (single-process references) is
     made once, in the parent, and not while the in-process tier runs. Such cases run last.
+    ``early``: the case runs before the others of its spawn; for a case that mostly waits (a rank
+    that never arrives, a timeout), while the first tier and the other spawns still have work for
+    the cores its ranks leave idle (later, the others wait for the prepared cases and the core idles).
     """
     cases = _CASES.setdefault(world, {})
     assert name not in cases, f"case {name!r} registered twice at world {world}"
     cases[name] = (fn, args, prepared)
+    if early:
+        _EARLY.add((world, name))
 
 
 def mesh_id(value: Any) -> str:
@@ -175,6 +183,7 @@ class Spawn:
         self.results: dict[tuple[int, str], list] = {key: [None] * key[0] for key in self.cases}
         self.sent = self.done = False
         ready = [(key, fn, args) for key, (fn, args, prepared) in self.cases.items() if prepared is None]
+        ready.sort(key=lambda case: case[0] not in _EARLY)  # stable: registration order otherwise
         ctx = fork_context()
         self.messages, self.inboxes = ctx.Queue(), [ctx.Queue() for _ in range(world)]
         port = free_port()
