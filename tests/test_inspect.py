@@ -305,3 +305,23 @@ def test_graph_inputs_carry_the_models_names():
         inputs = [r.name for r in report.passes()[name].rows if r.op == "placeholder"]
         assert "x" in inputs and "blocks_0_attn_qkv_weight" in inputs, inputs
         assert not any(re.fullmatch(r"arg\d+_\d+", n) for n in inputs), inputs
+
+
+def test_explain_meshes_gives_the_reports_of_one_explain_per_mesh():
+    """``explain_meshes`` (Dynamo traces the model once, the backend runs once per mesh; the
+    structure tests read their meshes so) reports what ``explain`` on each mesh does, field by field:
+    a batch split, Ring, a hybrid mesh, and a rank other than 0."""
+    from para_fx.inspect.explain import explain_meshes
+
+    model, kwargs = tiny_dit(batch=2)
+    meshes = [dict(world_size=2, batch=2), dict(world_size=2, ring=2, rank=1), dict(world_size=4, ring=2, ulysses=2)]
+    torch._dynamo.reset()
+    shared = explain_meshes(model, meshes, kwargs=kwargs)
+    for degrees, report in zip(meshes, shared):
+        torch._dynamo.reset()
+        alone = para_fx.explain(model, kwargs=kwargs, **degrees)
+        assert str(report) == str(alone) and report.graphs == alone.graphs, degrees
+        for field in ("attention_sites", "fallbacks", "collectives", "notes", "blocks", "graph_count", "world_size", "context"):
+            assert getattr(report, field) == getattr(alone, field), (degrees, field)
+    torch._dynamo.reset()
+    assert [r.context.rank for r in shared] == [0, 1, 0] and "hybrid" in str(shared[2])

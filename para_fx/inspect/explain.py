@@ -59,6 +59,47 @@ def explain(
     return _explain(model, args, kwargs, mesh, cache)
 
 
+def explain_meshes(
+    model: torch.nn.Module,
+    meshes: list[dict[str, int]],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    cache: Any = None,
+) -> list[Report]:
+    """``explain(model, args, kwargs, cache=cache, **degrees)`` for each ``degrees`` of ``meshes``
+    (``world_size`` and optionally ``ulysses``, ``ring``, ``batch``, ``rank``: simulated meshes),
+    with Dynamo tracing the model once: each graph it hands over goes through the para backend once
+    per mesh, on that mesh. The reports are the ones the separate calls give (Dynamo's graphs do
+    not depend on the mesh; tests/test_inspect.py compares them); Dynamo's bytecode tracing and
+    guards, about half of an explain's time on the tiny models, are paid once."""
+    if dist.is_initialized():
+        raise RuntimeError("explain_meshes simulates meshes and needs torch.distributed uninitialised")
+    kwargs = kwargs or {}
+    reports = [Report() for _ in meshes]
+
+    def every_mesh(gm: torch.fx.GraphModule, example_inputs: list[Any]):
+        for degrees, total in zip(meshes, reports):
+            degrees = dict(degrees)
+            with simulated_mesh(degrees.pop("world_size"), device_type=_device_type(model), **degrees) as mesh:
+                with recording() as report:
+                    compiled = backend(mesh=mesh, cache=cache, compiler="eager")(gm, example_inputs)
+                    with torch.no_grad():
+                        compiled(*example_inputs)  # a graph specialised at call time compiles here
+                total.extend(report)
+                total.world_size = mesh_info(mesh).world
+                total.context = _context(model, args, kwargs, mesh, simulated=True)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=every_mesh)(*args, **kwargs)
+    if reports and reports[0].graph_count == 0:
+        raise RuntimeError(
+            "explain_meshes: Dynamo compiled no graph for this model (its recompile limit may be reached after "
+            "many compilations of the same code: call torch._dynamo.reset() first)"
+        )
+    return reports
+
+
 def _explain(model, args, kwargs, mesh, cache, simulated: bool = False) -> Report:
     compiled = torch.compile(model, backend=backend(mesh=mesh, cache=cache, compiler="eager"))
     with torch.no_grad(), recording() as report:
