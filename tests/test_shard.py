@@ -16,6 +16,7 @@ import para_fx
 from para_fx.adapters.traceable import make_traceable
 from para_fx.core.mesh import MeshInfo
 from para_fx.core.placement import Shard, plain
+from para_fx.inspect.explain import explain_meshes
 from para_fx.passes.shard import ShardSpec, find_demand, plan
 from para_fx.passes.shard_rules import Group
 from para_fx.testing import dits, zoo
@@ -67,17 +68,21 @@ CFG_BATCH_MESH = (1, 1, 2)
 INLINING_CHECKED = {((1, 2, 1), "flux"), (CFG_BATCH_MESH, "hunyuan_video")}
 
 
-@pytest.mark.parametrize("mesh_shape, name", CASES, ids=ranks.mesh_id)
+@pytest.mark.parametrize("mesh_shape, name", sorted(INLINING_CHECKED), ids=ranks.mesh_id)
 def test_structure_on_a_simulated_mesh(monkeypatch, mesh_shape, name):
     cfg_batch = mesh_shape == CFG_BATCH_MESH and name in ALL
     model, kwargs = model_and_inputs(name, **(dict(batch=2) if cfg_batch else {}))
     batch, ring, ulysses = mesh_shape
-    compared = compare_inlining(monkeypatch) if (mesh_shape, name) in INLINING_CHECKED else None
+    compared = compare_inlining(monkeypatch)
     torch._dynamo.reset()
     report = para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), batch=batch, ring=ring, ulysses=ulysses)
     torch._dynamo.reset()
-    if compared is not None:
-        assert_inlined_as_traced(compared)
+    assert_inlined_as_traced(compared)
+    assert_structure(report, name, mesh_shape, kwargs, cfg_batch)
+
+
+def assert_structure(report, name, mesh_shape, kwargs, cfg_batch):
+    _, ring, ulysses = mesh_shape
     where = f"{name} mesh {mesh_shape}"
     assert report.graph_count == 1, f"{where}: {report.graph_count} graphs (code between graphs runs unsharded)"
     inside = [(f.module, f.op, f.reason, f.source) for f in report.fallbacks if "blocks." in f.module]
@@ -98,21 +103,11 @@ def test_structure_on_a_simulated_mesh(monkeypatch, mesh_shape, name):
         assert_self_attention_context_parallel(report, mesh_shape)
 
 
-def assert_blocks_context_parallel(name, mesh_shape):
+def assert_self_attention_context_parallel(report, mesh_shape):
     """A "local" self-attention (keys and values left whole) would be correct but no faster: at
     batch 2 the keys and values must follow the queries through the [B*S, D] rows of to_k and
     to_v. Cross-attention to the text (diffusers' attn2, where it is not SD3's second
     self-attention) is local by design."""
-    model, kwargs = model_and_inputs(name)
-    assert next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0] == 2
-    batch, ring, ulysses = mesh_shape
-    torch._dynamo.reset()
-    report = para_fx.explain(model, kwargs=kwargs, world_size=world_of(mesh_shape), ring=ring, ulysses=ulysses)
-    torch._dynamo.reset()
-    assert_self_attention_context_parallel(report, mesh_shape)
-
-
-def assert_self_attention_context_parallel(report, mesh_shape):
     _, ring, ulysses = mesh_shape
     expected = "ulysses" if ring == 1 else "ring" if ulysses == 1 else "hybrid"
     sites = [(s.module, s.strategy) for s in report.attention_sites if "blocks." in s.module]
@@ -123,14 +118,35 @@ def assert_self_attention_context_parallel(report, mesh_shape):
 
 
 BATCH_TWO_MESHES = [(1, 1, 2), (1, 2, 1), (1, 1, 4), (1, 2, 2)]
-# the models at batch 2 (their default) on each mesh; where test_structure_on_a_simulated_mesh
-# explains the same model on the same mesh, it checks the strategies on that report
+# the models at batch 2 (their default) on each mesh; where the structure of CASES is read on the
+# same model and mesh, the strategies are checked on that report
 BATCH_TWO_ONLY = [(mesh_shape, name) for mesh_shape in BATCH_TWO_MESHES for name in BATCH_TWO if (mesh_shape, name) not in CASES]
 
+# Each model's inputs (at batch 2 on CFG_BATCH_MESH for the models of ALL) -> the meshes its
+# structure is read on: Dynamo traces it once for all of them (explain_meshes gives the reports of
+# one explain per mesh: tests/test_inspect.py; 45-55% of their CPU time on these models)
+MESH_GROUPS: dict[tuple[str, bool], list[tuple[int, int, int]]] = {}
+for _mesh_shape, _name in [*CASES, *BATCH_TWO_ONLY]:
+    if (_mesh_shape, _name) not in INLINING_CHECKED:
+        MESH_GROUPS.setdefault((_name, _mesh_shape == CFG_BATCH_MESH and _name in ALL), []).append(_mesh_shape)
 
-@pytest.mark.parametrize("mesh_shape, name", BATCH_TWO_ONLY, ids=ranks.mesh_id)
-def test_every_self_attention_is_context_parallel_at_batch_two(name, mesh_shape):
-    assert_blocks_context_parallel(name, mesh_shape)
+
+@pytest.mark.parametrize("name, cfg_batch", list(MESH_GROUPS), ids=lambda v: {True: "cfg_batch_2", False: "default_inputs"}.get(v, v))
+def test_structure_on_simulated_meshes(name, cfg_batch):
+    """Every mesh of CASES: one graph, no fallback or gather inside the blocks, every attention
+    split; BATCH_TWO_ONLY's: every self-attention context parallel at batch 2."""
+    meshes = MESH_GROUPS[name, cfg_batch]
+    model, kwargs = model_and_inputs(name, **(dict(batch=2) if cfg_batch else {}))
+    degrees = [dict(world_size=world_of(m), batch=m[0], ring=m[1], ulysses=m[2]) for m in meshes]
+    torch._dynamo.reset()
+    reports = explain_meshes(model, degrees, kwargs=kwargs)
+    torch._dynamo.reset()
+    for mesh_shape, report in zip(meshes, reports):
+        if (mesh_shape, name) in CASES:
+            assert_structure(report, name, mesh_shape, kwargs, cfg_batch)
+        else:
+            assert next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0] == 2
+            assert_self_attention_context_parallel(report, mesh_shape)
 
 
 def test_linear_attention_runs_on_split_tokens_with_one_all_reduce():
