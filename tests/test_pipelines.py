@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import para_fx
+from para_fx.inspect.explain import explain_meshes
 from para_fx.adapters.diffusers import (
     apply_cache_on_pipe,
     context_parallel_degrees,
@@ -229,9 +230,10 @@ def test_mochi_attention_is_split_on_two_ranks():
     """Structure, on a simulated mesh (the pipeline's numbers are checked on real ranks below)."""
     model, kwargs = zoo.mochi(batch=2, text_pad=3)
     make_traceable(model)
-    for rank in (0, 1):
-        torch._dynamo.reset()
-        report = para_fx.explain(model, kwargs=kwargs, world_size=2, rank=rank)  # init_context_parallel_mesh(): ulysses 2
+    torch._dynamo.reset()
+    # init_context_parallel_mesh(): ulysses 2, as rank 0 and as rank 1; Dynamo traces the model once
+    reports = explain_meshes(model, [dict(world_size=2, rank=rank) for rank in (0, 1)], kwargs=kwargs)
+    for report in reports:
         assert report.graph_count == 1
         sites = sorted({(s.module, s.strategy, s.local_query_len, s.global_query_len) for s in report.attention_sites})
         joint = [s for s in sites if s[0].endswith("attn1")]
