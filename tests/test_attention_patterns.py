@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import para_fx
+from para_fx.inspect.explain import explain_meshes
 from para_fx.core.backend import recording
 from para_fx.runtime.attention import attention, attention_with_lse
 from para_fx.testing import dits, zoo
@@ -72,14 +73,18 @@ def half_precision(model, kwargs):
 
 
 @pytest.mark.parametrize("factory", ["matmul", "mha", "mha padded"])
-@pytest.mark.parametrize("ring, ulysses, strategy", [(1, 2, "ulysses"), (2, 1, "ring")])
-def test_attention_written_as_matmuls_is_split_as_sdpa_is(ring, ulysses, strategy, factory):
+def test_attention_written_as_matmuls_is_split_as_sdpa_is(factory):
+    """On Ulysses 2 and on Ring 2, Dynamo tracing the model once (explain_meshes)."""
     model, kwargs = FACTORIES[factory]()
-    report = para_fx.explain(model, kwargs=kwargs, world_size=2, ring=ring, ulysses=ulysses)
-    assert [s.strategy for s in report.attention_sites] == [strategy, strategy]
-    assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
-    [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
-    assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
+    meshes = [dict(world_size=2, ring=1, ulysses=2), dict(world_size=2, ring=2, ulysses=1)]
+    torch._dynamo.reset()
+    reports = explain_meshes(model, meshes, kwargs=kwargs)
+    torch._dynamo.reset()
+    for strategy, report in zip(("ulysses", "ring"), reports):
+        assert [s.strategy for s in report.attention_sites] == [strategy, strategy]
+        assert not [f for f in report.fallbacks if report.in_blocks(f.module)]
+        [note] = [n for n in report.notes if n.startswith("attention written as matmuls")]
+        assert "2 site(s)" in note and "dits.py" in note  # the model's own source line
 
 
 def test_keys_hidden_with_masked_fill_become_the_attention_mask():
