@@ -5,17 +5,26 @@ import pytest
 import torch
 
 import para_fx
+from para_fx.inspect.explain import explain_meshes
 from para_fx.testing import zoo
 from para_fx.testing.dits import first_tensor
 import ranks
 
 
-def test_sana_splits_its_rows_and_exchanges_one_border_row_per_convolution():
-    """16 rows of 16 tokens over 2 ranks: 8 whole rows each, so the tokens' view as (rows, columns)
-    stays split, and each block's 3x3 depthwise convolution exchanges one row with the neighbour."""
+@pytest.fixture(scope="module")
+def sana_reports():
+    """Sana's reports on 2 and 3 simulated ranks, Dynamo tracing it once (explain_meshes)."""
     model, kwargs = zoo.sana()
     torch._dynamo.reset()
-    report = para_fx.explain(model, kwargs=kwargs, world_size=2)
+    reports = explain_meshes(model, [dict(world_size=2), dict(world_size=3)], kwargs=kwargs)
+    torch._dynamo.reset()
+    return reports
+
+
+def test_sana_splits_its_rows_and_exchanges_one_border_row_per_convolution(sana_reports):
+    """16 rows of 16 tokens over 2 ranks: 8 whole rows each, so the tokens' view as (rows, columns)
+    stays split, and each block's 3x3 depthwise convolution exchanges one row with the neighbour."""
+    report = sana_reports[0]
     assert report.graph_count == 1
     assert not report.fallbacks, report.fallbacks
     halos = [(c.module, c.kind) for c in report.collectives if c.module.endswith("ff.conv_depth")]
@@ -23,10 +32,8 @@ def test_sana_splits_its_rows_and_exchanges_one_border_row_per_convolution():
     assert not [c for c in report.collectives if "blocks." in c.module and c.kind.startswith("all_gather")]
 
 
-def test_rows_that_three_ranks_cannot_split_evenly_are_gathered_and_reported():
-    model, kwargs = zoo.sana()
-    torch._dynamo.reset()
-    report = para_fx.explain(model, kwargs=kwargs, world_size=3)
+def test_rows_that_three_ranks_cannot_split_evenly_are_gathered_and_reported(sana_reports):
+    report = sana_reports[1]
     reasons = {f.reason for f in report.fallbacks if "blocks." in f.module}
     assert any("splits the sharded dim 1 unevenly" in reason for reason in reasons), reasons
 
