@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import kernel_ms_by_name
+from harness import compiled_kernels, measure_settings
 
-from para_fx.core.inductor_choices import WideRowReductions, choices_of
+from para_fx.core.inductor_choices import WideRowReductions
 
 SETTINGS = {  # Inductor config patches tried
     "default": {},
@@ -81,24 +81,22 @@ def cases() -> dict[str, tuple[type, tuple[torch.Tensor, ...]]]:
 
 def measure(cls: type, args: tuple, fp8: bool, setting: dict, calls: int = 10) -> dict:
     """Kernel milliseconds per call of the compiled module, by kernel, and its error against eager."""
-    from torch._inductor import config
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     torch._dynamo.reset()
     module = cls().to("cuda", torch.bfloat16).eval()
     if fp8:
         quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
-    with config.patch(setting), choices_of(setting), torch.no_grad():
-        compiled = torch.compile(module)
-        expected = module(*args)
-        for _ in range(3):
-            got = compiled(*args)
-        torch.cuda.synchronize()
-        kernels = kernel_ms_by_name(lambda: compiled(*args), calls, width=90)
+    kernels, error = compiled_kernels(module, args, {}, setting, calls, width=90)
     gemm = sum(ms for name, ms in kernels.items() if any(s in name for s in ("nvjet", "gemm", "cutlass")))
-    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     return {"total_ms": round(sum(kernels.values()), 4), "gemm_ms": round(gemm, 4), "rel_err_vs_eager": error,
             "kernels": {name: round(ms, 4) for name, ms in kernels.items()}}
+
+
+def measure_cases(setting: dict) -> dict:
+    """Every pattern of :func:`cases`, in bf16 and in fp8, under one setting."""
+    return {f"{name}_{'fp8' if fp8 else 'bf16'}": measure(cls, inputs, fp8, setting)
+            for name, (cls, inputs) in cases().items() for fp8 in (False, True)}
 
 
 def main() -> None:
@@ -107,15 +105,8 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {}
-    for label in args.settings.split(","):
-        setting = SETTINGS[label]
-        try:
-            results[label] = {f"{name}_{'fp8' if fp8 else 'bf16'}": measure(cls, inputs, fp8, setting)
-                              for name, (cls, inputs) in cases().items() for fp8 in (False, True)}
-        except Exception as error:  # a setting this torch rejects: recorded, the others still run
-            results[label] = {"error": repr(error)[:400]}
-        print(label, {k: (v["total_ms"], v["gemm_ms"]) for k, v in results[label].items() if isinstance(v, dict)}, flush=True)
+    results = measure_settings(SETTINGS, args.settings, measure_cases,
+                               lambda result: {k: (v["total_ms"], v["gemm_ms"]) for k, v in result.items()})
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -262,6 +262,41 @@ def kernel_ms_by_name(fn: Callable[[], Any], calls: int = 10, width: int = 120) 
     return dict(sorted(by_name.items(), key=lambda item: -item[1]))
 
 
+def compiled_kernels(module: torch.nn.Module, args: tuple, kwargs: dict, setting: dict, calls: int = 10,
+                     width: int = 120) -> tuple[dict[str, float], float]:
+    """What the one-pattern probes measure of ``torch.compile(module)`` under the Inductor config
+    patches ``setting`` (an ``inductor_choices_class`` among them installed too): its kernel
+    milliseconds per call by name (:func:`kernel_ms_by_name`, after 3 warm-up calls) and its
+    relative error against the module run eagerly."""
+    from torch._inductor import config
+
+    from para_fx.core.inductor_choices import choices_of
+
+    with config.patch(setting), choices_of(setting), torch.no_grad():
+        compiled = torch.compile(module)
+        expected = module(*args, **kwargs)
+        for _ in range(3):
+            got = compiled(*args, **kwargs)
+        torch.cuda.synchronize()
+        kernels = kernel_ms_by_name(lambda: compiled(*args, **kwargs), calls, width=width)
+    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    return kernels, error
+
+
+def measure_settings(settings: dict[str, dict], labels: str, measure: Callable[[dict], dict],
+                     summary: Callable[[dict], Any]) -> dict[str, dict]:
+    """``measure(settings[label])`` for each of the comma-separated ``labels``, each printed as
+    ``summary`` gives it; a setting this torch rejects is recorded as its error, the others still run."""
+    results = {}
+    for label in labels.split(","):
+        try:
+            results[label] = measure(settings[label])
+        except Exception as error:
+            results[label] = {"error": repr(error)[:400]}
+        print(label, results[label] if "error" in results[label] else summary(results[label]), flush=True)
+    return results
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -18,9 +18,9 @@ import json
 
 import torch
 
-from harness import kernel_ms_by_name
+from harness import compiled_kernels, measure_settings
 
-from para_fx.core.inductor_choices import WideRowReductions, choices_of
+from para_fx.core.inductor_choices import WideRowReductions
 
 DECISIONS: list[dict] = []  # what the recording choices below saw: each reduction's hint, width, verdict
 
@@ -80,20 +80,11 @@ def flux_single_attention(tokens: int = 4608, text: int = 512, device: str = "cu
 
 def measure(setting: dict, calls: int = 10) -> dict:
     """Kernel milliseconds per call of the compiled module, by kernel, and its error against eager."""
-    from torch._inductor import config
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     module, args, kwargs = flux_single_attention()
-    with config.patch(setting), choices_of(setting), torch.no_grad():
-        compiled = torch.compile(module)
-        expected = module(*args, **kwargs)
-        for _ in range(3):
-            got = compiled(*args, **kwargs)
-        torch.cuda.synchronize()
-        kernels = kernel_ms_by_name(lambda: compiled(*args, **kwargs), calls, width=110)
+    kernels, error = compiled_kernels(module, args, kwargs, setting, calls, width=110)
     triton = sum(ms for name, ms in kernels.items() if name.startswith("triton_"))
-    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     return {"total_ms": round(sum(kernels.values()), 4), "triton_ms": round(triton, 4), "rel_err_vs_eager": error,
             "kernels": {name: round(ms, 4) for name, ms in kernels.items()}}
 
@@ -103,14 +94,8 @@ def main() -> None:
     parser.add_argument("--out", default="qk_norm_rope_probe.json")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     args = parser.parse_args()
-    results = {}
-    for label in args.settings.split(","):
-        setting = SETTINGS[label]
-        try:
-            results[label] = measure(setting)
-        except Exception as error:  # a setting this torch rejects: recorded, the others still run
-            results[label] = {"error": repr(error)[:400]}
-        print(label, {k: v for k, v in results[label].items() if k in ("total_ms", "triton_ms", "error")}, flush=True)
+    results = measure_settings(SETTINGS, args.settings, measure,
+                               lambda result: {k: result[k] for k in ("total_ms", "triton_ms")})
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": results,
                    "decisions": DECISIONS}, f, indent=1)
