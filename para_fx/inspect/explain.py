@@ -86,17 +86,13 @@ def explain_meshes(
                     with torch.no_grad():
                         compiled(*example_inputs)  # a graph specialised at call time compiles here
                 total.extend(report)
-                total.world_size = mesh_info(mesh).world
-                total.context = _context(model, args, kwargs, mesh, simulated=True)
+                _describe(total, model, args, kwargs, mesh, simulated=True)
         return gm.forward
 
     with torch.no_grad():
         torch.compile(model, backend=every_mesh)(*args, **kwargs)
-    if reports and reports[0].graph_count == 0:
-        raise RuntimeError(
-            "explain_meshes: Dynamo compiled no graph for this model (its recompile limit may be reached after "
-            "many compilations of the same code: call torch._dynamo.reset() first)"
-        )
+    for report in reports:
+        _check_compiled(report, "explain_meshes")
     return reports
 
 
@@ -104,14 +100,24 @@ def _explain(model, args, kwargs, mesh, cache, simulated: bool = False) -> Repor
     compiled = torch.compile(model, backend=backend(mesh=mesh, cache=cache, compiler="eager"))
     with torch.no_grad(), recording() as report:
         compiled(*args, **(kwargs or {}))
+    _check_compiled(report, "explain")
+    _describe(report, model, args, kwargs or {}, mesh, simulated)
+    return report
+
+
+def _check_compiled(report: Report, caller: str) -> None:
     if report.graph_count == 0:
         raise RuntimeError(
-            "explain: Dynamo compiled no graph for this model (its recompile limit may be reached after "
+            f"{caller}: Dynamo compiled no graph for this model (its recompile limit may be reached after "
             "many compilations of the same code: call torch._dynamo.reset() first)"
         )
+
+
+def _describe(report: Report, model, args: tuple, kwargs: dict[str, Any], mesh: DeviceMesh | None,
+              simulated: bool) -> None:
+    """The report's world size and what was explained (while a simulated mesh is still alive)."""
     report.world_size = mesh_info(mesh).world if mesh is not None else 1
-    report.context = _context(model, args, kwargs or {}, mesh, simulated)
-    return report
+    report.context = _context(model, args, kwargs, mesh, simulated)
 
 
 def _context(model, args: tuple, kwargs: dict[str, Any], mesh: DeviceMesh | None, simulated: bool) -> RunContext:
