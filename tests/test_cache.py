@@ -35,7 +35,11 @@ def trajectory(fn, kwargs, steps):
 
 
 def cached_trajectory(model, kwargs, cache, steps, mesh=None, compiler="eager"):
-    fn = compiled(model, cache, mesh, compiler)
+    return session_trajectory(compiled(model, cache, mesh, compiler), kwargs, steps)
+
+
+def session_trajectory(fn, kwargs, steps):
+    """One cache session of ``steps`` calls of the compiled ``fn``: the outputs and the statistics."""
     with para_fx.cache_session(fn):
         outs = trajectory(fn, kwargs, steps)
     return outs, para_fx.cache_stats(fn)
@@ -291,13 +295,9 @@ def reference_runs():
         model, kwargs = FACTORIES[name](batch=2, **CONFIG.get(name, {}))
         cache = para_fx.FirstBlockCache(threshold=0)
         fn = compiled(model, cache)
-        with para_fx.cache_session(fn):
-            trajectory(fn, kwargs, STEPS)
-        probe = para_fx.cache_stats(fn)
+        _, probe = session_trajectory(fn, kwargs, STEPS)
         cache.threshold = threshold = threshold_between_steps(probe.diffs)
-        with para_fx.cache_session(fn):
-            outs = trajectory(fn, kwargs, STEPS)
-        stats = para_fx.cache_stats(fn)
+        outs, stats = session_trajectory(fn, kwargs, STEPS)
         assert 0 < stats.skipped < STEPS - 1, (name, probe.diffs, threshold)
         runs[name] = (threshold, outs, stats)
     return runs
