@@ -1,0 +1,156 @@
+"""One GPU: how fast can a wide row be quantised to fp8 (torchao's dynamic per-row scaling, with
+the tanh gelu before it), against what Inductor generates for the same code?
+
+FLUX's fp8 step spends about 11 ms in two such kernels (a single block's ``cat(attention,
+gelu(mlp))``, 15360 wide, and a feed-forward's ``gelu(hidden)``, 12288 wide) where reading each
+value once at the memory's speed takes about 0.03 ms a call. This times Triton kernels written by
+hand for the pattern (the row read in a loop twice, or once into registers; several block sizes
+and warp counts) next to Inductor's kernel for torchao's own code, under a few Inductor settings,
+and checks each kernel's fp8 bytes and scales against eager.
+
+    python bench/row_quant_probe.py --out results/row_quant_probe_<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from harness import cuda_median_ms
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """gelu's tanh form, tanh(z) as 1 - 2 / (exp(2z) + 1): what gelu adds it to 1, so its absolute
+    error counts, and that is float32's (one exp and one division, no polynomial)."""
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(1.5957691216057308 * (x + 0.044715 * x * x * x)) + 1.0))
+
+
+@triton.jit
+def _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu):
+    """A row of ``cat(plain, gelu(gelu_input))`` in float32, rounded through bf16 as eager rounds it."""
+    is_plain = cols < n_plain
+    plain = tl.load(plain_ptr + row * n_plain + cols, mask=is_plain, other=0.0).to(tl.float32)
+    hidden = tl.load(gelu_ptr + row * n_gelu + (cols - n_plain), mask=(cols >= n_plain) & (cols < n_plain + n_gelu),
+                     other=0.0).to(tl.float32)
+    return tl.where(is_plain, plain, _gelu_tanh(hidden).to(tl.bfloat16).to(tl.float32))
+
+
+@triton.jit
+def looped_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, BLOCK: tl.constexpr):
+    """One row per program, read twice in blocks: once for the amax, once to quantise."""
+    row = tl.program_id(0).to(tl.int64)
+    n = n_plain + n_gelu
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)))
+    scale = (tl.max(amax, 0) / 448.0).to(tl.bfloat16).to(tl.float32)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        values = _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
+        quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
+
+
+@triton.jit
+def persistent_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, BLOCK: tl.constexpr):
+    """One row per program, read once into registers (``BLOCK`` at least the row's width)."""
+    row = tl.program_id(0).to(tl.int64)
+    n = n_plain + n_gelu
+    cols = tl.arange(0, BLOCK)
+    values = _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
+    scale = (tl.max(tl.abs(values), 0) / 448.0).to(tl.bfloat16).to(tl.float32)
+    tl.store(scale_ptr + row, scale)
+    quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
+
+
+def eager(plain: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's dynamic per-row fp8 quantisation of ``cat(plain, gelu(hidden))``, as its code runs it."""
+    y = F.gelu(hidden, approximate="tanh")
+    if plain is not None:
+        y = torch.cat([plain, y], dim=-1)
+    scale = (y.abs().amax(dim=-1, keepdim=True) / FP8_MAX).to(torch.float32)
+    return (y.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def hand_written(kernel, plain, hidden, block: int, num_warps: int):
+    rows, n_gelu = hidden.shape
+    n_plain = 0 if plain is None else plain.shape[1]
+    out = torch.empty(rows, n_plain + n_gelu, device=hidden.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, 1, device=hidden.device, dtype=torch.float32)
+    kernel[(rows,)](hidden if plain is None else plain, hidden, out, scale, n_plain, n_gelu, BLOCK=block,
+                    num_warps=num_warps)
+    return out, scale
+
+
+def compare(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The share of fp8 values that differ from eager's, and the largest relative scale error."""
+    q, s = got
+    eq, es = expected
+    return {"fp8_mismatch": round((q.view(torch.uint8) != eq.view(torch.uint8)).float().mean().item(), 6),
+            "scale_rel_err": ((s - es).abs() / es.abs().clamp_min(1e-30)).max().item()}
+
+
+INDUCTOR_SETTINGS = {
+    "default": {},
+    "no_split": {"split_reductions": False},
+    "max_autotune_pointwise": {"max_autotune_pointwise": True},
+    "coordinate_descent": {"split_reductions": False, "coordinate_descent_tuning": True},
+}
+
+
+def measure(plain: torch.Tensor | None, hidden: torch.Tensor) -> dict:
+    expected = eager(plain, hidden)
+    width = hidden.shape[1] + (0 if plain is None else plain.shape[1])
+    results = {}
+    for label, setting in INDUCTOR_SETTINGS.items():
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(setting):
+            compiled = torch.compile(eager)
+            got = compiled(plain, hidden)
+            results[f"inductor_{label}"] = {"ms": round(cuda_median_ms(lambda: compiled(plain, hidden)), 4), **compare(got, expected)}
+    for block in (1024, 2048, 4096):
+        for num_warps in (2, 4, 8, 16):
+            run = lambda: hand_written(looped_kernel, plain, hidden, block, num_warps)  # noqa: E731
+            results[f"looped_{block}_{num_warps}w"] = {"ms": round(cuda_median_ms(run), 4), **compare(run(), expected)}
+    block = triton.next_power_of_2(width)
+    for num_warps in (8, 16, 32):
+        run = lambda: hand_written(persistent_kernel, plain, hidden, block, num_warps)  # noqa: E731
+        results[f"persistent_{num_warps}w"] = {"ms": round(cuda_median_ms(run), 4), **compare(run(), expected)}
+    bytes_moved = hidden.numel() * 2 + (0 if plain is None else plain.numel() * 2) + hidden.shape[0] * width
+    results["memory_bound_ms"] = round(bytes_moved / 4.8e12 * 1e3, 4)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="row_quant_probe.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    cases = {
+        "feed_forward_4096x12288": (None, torch.randn(4096, 12288, **bf16)),
+        "single_block_4608x(3072+12288)": (torch.randn(4608, 3072, **bf16), torch.randn(4608, 12288, **bf16)),
+    }
+    results = {}
+    for name, (plain, hidden) in cases.items():
+        results[name] = measure(plain, hidden)
+        best = min((v["ms"], k) for k, v in results[name].items() if isinstance(v, dict))
+        print(name, json.dumps(results[name], indent=None), "best:", best, flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name(),
+                   "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
