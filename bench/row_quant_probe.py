@@ -3,10 +3,10 @@ the tanh gelu before it), against what Inductor generates for the same code?
 
 FLUX's fp8 step spends about 11 ms in two such kernels (a single block's ``cat(attention,
 gelu(mlp))``, 15360 wide, and a feed-forward's ``gelu(hidden)``, 12288 wide) where reading each
-value once at the memory's speed takes about 0.03 ms a call. This times Triton kernels written by
-hand for the pattern (the row read in a loop twice, or once into registers; several block sizes
-and warp counts) next to Inductor's kernel for torchao's own code, under a few Inductor settings,
-and checks each kernel's fp8 bytes and scales against eager.
+value once at the memory's speed takes about 0.03 ms a call. This times Triton kernels for the
+pattern (the row read in a loop twice, or once into registers as para-fx's ``quantize_rows`` does;
+several block sizes and warp counts) next to Inductor's kernel for torchao's own code, under a few
+Inductor settings, and checks each kernel's fp8 bytes and scales against eager.
 
     python bench/row_quant_probe.py --out results/row_quant_probe_<gpu>.json
 """
@@ -17,61 +17,32 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from harness import kernel_ms_by_name
 
-FP8_MAX = 448.0
+from para_fx.runtime.fp8_rows import FP8_MAX
+from para_fx.runtime.fp8_rows import reference as eager  # torchao's arithmetic
+from para_fx.runtime.fp8_rows_kernel import quantize_rows_kernel, row_values
 
 
 @triton.jit
-def _gelu_tanh(x):
-    """gelu's tanh form, tanh(z) as 1 - 2 / (exp(2z) + 1): what gelu adds it to 1, so its absolute
-    error counts, and that is float32's (one exp and one division, no polynomial)."""
-    return 0.5 * x * (2.0 - 2.0 / (tl.exp(1.5957691216057308 * (x + 0.044715 * x * x * x)) + 1.0))
-
-
-@triton.jit
-def _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu):
-    """A row of ``cat(plain, gelu(gelu_input))`` in float32, rounded through bf16 as eager rounds it."""
-    is_plain = cols < n_plain
-    plain = tl.load(plain_ptr + row * n_plain + cols, mask=is_plain, other=0.0).to(tl.float32)
-    hidden = tl.load(gelu_ptr + row * n_gelu + (cols - n_plain), mask=(cols >= n_plain) & (cols < n_plain + n_gelu),
-                     other=0.0).to(tl.float32)
-    return tl.where(is_plain, plain, _gelu_tanh(hidden).to(tl.bfloat16).to(tl.float32))
-
-
-@triton.jit
-def looped_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, BLOCK: tl.constexpr):
+def looped_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program, read twice in blocks: once for the amax, once to quantise."""
     row = tl.program_id(0).to(tl.int64)
     n = n_plain + n_gelu
     amax = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)))
+        amax = tl.maximum(amax, tl.abs(row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)))
     scale = (tl.max(amax, 0) / 448.0).to(tl.bfloat16).to(tl.float32)
     tl.store(scale_ptr + row, scale)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        values = _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
+        values = row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
         quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
         tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
-
-
-@triton.jit
-def persistent_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, BLOCK: tl.constexpr):
-    """One row per program, read once into registers (``BLOCK`` at least the row's width)."""
-    row = tl.program_id(0).to(tl.int64)
-    n = n_plain + n_gelu
-    cols = tl.arange(0, BLOCK)
-    values = _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
-    scale = (tl.max(tl.abs(values), 0) / 448.0).to(tl.bfloat16).to(tl.float32)
-    tl.store(scale_ptr + row, scale)
-    quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
-    tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
 
 
 @triton.jit
@@ -82,20 +53,11 @@ def row_loop_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, rows, n_plain, n_ge
     n = n_plain + n_gelu
     cols = tl.arange(0, BLOCK)
     for row in tl.range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0), num_stages=STAGES):
-        values = _row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
+        values = row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
         scale = (tl.max(tl.abs(values), 0) / 448.0).to(tl.bfloat16).to(tl.float32)
         tl.store(scale_ptr + row, scale)
         quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
         tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
-
-
-def eager(plain: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchao's dynamic per-row fp8 quantisation of ``cat(plain, gelu(hidden))``, as its code runs it."""
-    y = F.gelu(hidden, approximate="tanh")
-    if plain is not None:
-        y = torch.cat([plain, y], dim=-1)
-    scale = (y.abs().amax(dim=-1, keepdim=True) / FP8_MAX).to(torch.float32)
-    return (y.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def hand_written(kernel, plain, hidden, block: int, num_warps: int, programs: int = 0, stages: int = 1):
@@ -108,7 +70,7 @@ def hand_written(kernel, plain, hidden, block: int, num_warps: int, programs: in
         kernel[(programs,)](first, hidden, out, scale, rows, n_plain, n_gelu, BLOCK=block, STAGES=stages,
                             num_warps=num_warps)
     else:
-        kernel[(rows,)](first, hidden, out, scale, n_plain, n_gelu, BLOCK=block, num_warps=num_warps)
+        kernel[(rows,)](first, hidden, out, scale, n_plain, n_gelu, FP8_MAX=FP8_MAX, BLOCK=block, num_warps=num_warps)
     return out, scale
 
 
@@ -151,7 +113,7 @@ def measure(plain: torch.Tensor | None, hidden: torch.Tensor) -> dict:
             results[f"looped_{block}_{num_warps}w"] = {"ms": kernel_ms(run), **compare(run(), expected)}
     block = triton.next_power_of_2(width)
     for num_warps in (4, 8, 16, 32):
-        run = lambda: hand_written(persistent_kernel, plain, hidden, block, num_warps)  # noqa: E731
+        run = lambda: hand_written(quantize_rows_kernel, plain, hidden, block, num_warps)  # noqa: E731
         results[f"persistent_{num_warps}w"] = {"ms": kernel_ms(run), **compare(run(), expected)}
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
     for per_sm in (1, 2, 4):
@@ -159,6 +121,8 @@ def measure(plain: torch.Tensor | None, hidden: torch.Tensor) -> dict:
             for stages in (1, 2):
                 run = lambda: hand_written(row_loop_kernel, plain, hidden, block, num_warps, sms * per_sm, stages)  # noqa: E731
                 results[f"row_loop_{per_sm}persm_{num_warps}w_{stages}st"] = {"ms": kernel_ms(run), **compare(run(), expected)}
+    run = lambda: torch.ops.para_fx.quantize_rows(plain, hidden)  # noqa: E731
+    results["para_fx_quantize_rows"] = {"ms": kernel_ms(run), **compare(run(), expected)}
     bytes_moved = hidden.numel() * 2 + (0 if plain is None else plain.numel() * 2) + hidden.shape[0] * width
     results["memory_bound_ms"] = round(bytes_moved / 4.8e12 * 1e3, 4)
     return results

@@ -33,6 +33,7 @@ from ..passes.attention_patterns import recognize_attention
 from ..passes.cache import insert_first_block_cache
 from ..passes.cse import merge_common_subexpressions
 from ..passes.fuse_projections import FusedWeights, fuse_projections
+from ..passes.fp8_rows import quantize_wide_rows
 from ..passes.gelu_epilogues import fuse_gelu_epilogues
 from ..passes.schedule import overlap_collectives
 from ..passes.split_vector_matmuls import split_vector_matmuls
@@ -59,6 +60,7 @@ class Options:
     check_timeout: float = 600.0  # seconds a rank waits for the others at an input check
     fuse_projections: bool = False  # sibling projections as one matmul (passes/fuse_projections.py)
     gelu_epilogues: bool = True  # a linear layer's gelu in its matmul's epilogue on CUDA (passes/gelu_epilogues.py)
+    wide_fp8_rows: bool = True  # fp8 quantisation of wide gelu rows by para-fx's kernel on CUDA (passes/fp8_rows.py)
     schedule_collectives: bool = False  # independent work moved into transfer windows (passes/schedule.py)
     shared_blocks: bool = False  # each distinct transformer block compiled once (passes/shared_blocks.py)
     split_vector_matmuls: bool = False  # replicated vectors' matmuls split by columns (passes/split_vector_matmuls.py)
@@ -96,6 +98,7 @@ def backend(
     check_timeout: float = 600.0,
     fuse_projections: bool = False,
     gelu_epilogues: bool = True,
+    wide_fp8_rows: bool = True,
     schedule_collectives: bool = False,
     shared_blocks: bool = False,
     split_vector_matmuls: bool = False,
@@ -112,7 +115,10 @@ def backend(
     for each other (see :mod:`para_fx.core.agreement`).
 
     ``gelu_epilogues`` (on): on CUDA, a linear layer followed by a tanh gelu runs as one cuBLASLt
-    matmul with the gelu in its epilogue (:mod:`para_fx.passes.gelu_epilogues`).
+    matmul with the gelu in its epilogue (:mod:`para_fx.passes.gelu_epilogues`). ``wide_fp8_rows``
+    (on): on CUDA, the per-row fp8 quantisation (torchao's dynamic fp8) of a ``gelu`` or
+    ``cat(x, gelu)`` wider than 4096 runs as one kernel of para-fx's that reads the row once
+    (:mod:`para_fx.passes.fp8_rows`).
 
     Two passes, off by default: on H200s (FLUX, 1024 px) neither made the step faster by more than
     about 1% (README, Benchmarks).
@@ -155,7 +161,8 @@ def backend(
     return ParaBackend(
         Options(
             mesh=mesh, cache=cache, compiler=compiler, check_inputs=check_inputs, check_timeout=check_timeout,
-            fuse_projections=fuse_projections, gelu_epilogues=gelu_epilogues, schedule_collectives=schedule_collectives,
+            fuse_projections=fuse_projections, gelu_epilogues=gelu_epilogues, wide_fp8_rows=wide_fp8_rows,
+            schedule_collectives=schedule_collectives,
             shared_blocks=shared_blocks, split_vector_matmuls=split_vector_matmuls, ring_kv=ring_kv,
             ring_transport=ring_transport,
         )
@@ -287,6 +294,8 @@ def _compile_static(gm: fx.GraphModule, example_inputs: list[Any], options: Opti
         report.add_graph("fuse_projections", graph)
     if options.gelu_epilogues:
         _gelu_epilogues_pass(graph, report)
+    if options.wide_fp8_rows:
+        _wide_fp8_rows_pass(graph, report)
     layout = None
     if options.cache is not None:
         graph, layout, flat_inputs = _cache_pass(graph, flat_inputs, options, report)
@@ -424,6 +433,17 @@ def _gelu_epilogues_pass(graph: fx.GraphModule, report: Report) -> None:
             "backend(gelu_epilogues=False) keeps them apart"
         )
         report.add_graph("gelu_epilogues", graph)
+
+
+def _wide_fp8_rows_pass(graph: fx.GraphModule, report: Report) -> None:
+    rewritten = quantize_wide_rows(graph)
+    if rewritten:
+        report.notes.append(
+            f"wide fp8 rows: {len(rewritten)} fp8 matmul input(s) of more than {PERSISTENT_ROW_LIMIT} values a row "
+            "(a gelu, or a cat ending in one) quantised by para-fx's kernel (para_fx::quantize_rows: the row read "
+            f"once, the gelu inside), the first at {rewritten[0]}; backend(wide_fp8_rows=False) leaves them to Inductor"
+        )
+        report.add_graph("wide_fp8_rows", graph)
 
 
 def _cache_pass(graph: fx.GraphModule, example_inputs: list[Any], options: Options, report: Report):
