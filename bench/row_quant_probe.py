@@ -113,7 +113,7 @@ def measure(plain: torch.Tensor | None, hidden: torch.Tensor) -> dict:
             results[f"looped_{block}_{num_warps}w"] = {"ms": kernel_ms(run), **compare(run(), expected)}
     block = triton.next_power_of_2(width)
     for num_warps in (4, 8, 16, 32):
-        run = lambda: hand_written(quantize_rows_kernel, plain, hidden, block, num_warps)  # noqa: E731
+        run = lambda: hand_written(quantize_rows_kernel.fn, plain, hidden, block, num_warps)  # noqa: E731
         results[f"persistent_{num_warps}w"] = {"ms": kernel_ms(run), **compare(run(), expected)}
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
     for per_sm in (1, 2, 4):
