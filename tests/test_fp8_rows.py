@@ -88,6 +88,37 @@ def test_torchaos_quantisation_becomes_one_op_and_gives_its_bits(cls, monkeypatc
     assert rows_note(report) is None and torch.equal(off, expected)
 
 
+def test_with_the_cache_each_blocks_op_runs_in_its_branch_with_equal_outputs(monkeypatch):
+    """A DiT whose feed-forwards are WIDE wide, fp8, under the First Block Cache: each block's
+    quantisation becomes the op (the second block's inside the cond), and two steps, the second
+    skipped, give the outputs of the same compile without the pass."""
+    from para_fx.testing import dits
+
+    class WideMLP(dits.MLP):
+        def __init__(self, dim: int, hidden: int):
+            super().__init__(dim, WIDE)
+
+    monkeypatch.setattr(fp8_rows, "DEVICES", ("cpu",))
+    monkeypatch.setattr(dits, "MLP", WideMLP)
+    model, kwargs = dits.patch_dit(depth=2)
+    model = fp8(model, monkeypatch)
+    steps = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kwargs.items()}]
+    steps.append({**steps[0], "timestep": steps[0]["timestep"] * 0.999})
+    outs, notes, skipped = {}, {}, {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        cache = para_fx.FirstBlockCache(threshold=0.5)
+        compiled = torch.compile(model, backend=para_fx.backend(compiler="aot_eager", cache=cache, wide_fp8_rows=on))
+        with recording() as report, torch.no_grad():
+            outs[on] = [compiled(**step) for step in steps]
+        notes[on], skipped[on] = rows_note(report), para_fx.cache_stats(compiled).skipped
+    torch._dynamo.reset()
+    assert notes[True].startswith("wide fp8 rows: 2 fp8 matmul input(s)") and notes[False] is None
+    assert skipped == {True: 1, False: 1}
+    for got, expected in zip(outs[True], outs[False]):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("case", ["narrow", "exact gelu", "cuda only"])
 def test_what_inductor_keeps_is_left_alone(case, monkeypatch):
     """Rows of 4096 values or fewer (Inductor's own kernel reads them once, its producer fused), an
