@@ -36,6 +36,12 @@ TIMEOUT = 600  # s from a script's start
 # (2026-12-01): the longest start first, so that the last to finish is a short one
 SECONDS = {"demo without torchao": 39, "cache": 21, "example plain_dit": 18, "pipeline": 18, "usage": 15, "serve": 12}
 
+# The scripts' environment (the README's examples, the plain DiT's): one thread per rank, and
+# Inductor's C++ builds in the rank itself, no pool of compile workers that each start Python and
+# torch on the 2 cores the ranks share. One environment for all of them: one server of
+# tests/zygote.py, whose imports cost about 9.5 s of CPU (the demo's has its own, see PRELOAD)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+
 # What the servers of tests/zygote.py import before they fork a script's processes (statements); a
 # script may name its own (the demo: only what it imports, so that what the imports print is what a
 # fresh Python running it prints)

@@ -71,7 +71,7 @@ def command(name):
 
 
 for _name in SCRIPTS:
-    scripts.add(f"example {_name}", command(_name))
+    scripts.add(f"example {_name}", command(_name), scripts.ENV)
 
 
 def saved(name, out):

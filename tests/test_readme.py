@@ -54,9 +54,6 @@ RUNS = {
 }
 
 
-# one thread per rank, and Inductor's C++ builds in the rank itself: no pool of compile workers
-# that each start Python and torch on the 2 cores the ranks share
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 # explain.py launches nothing: it runs in the first tier, in this process, as Python runs a file
 # (runpy, as __main__, in a folder of its own; a process of its own cost 6 s of start-up, torch and
 # diffusers imported again, on the 2-core machine); the examples on 2 ranks run with the scripts,
@@ -79,7 +76,7 @@ def in_this_process(path, folder, monkeypatch, capsys):
 
 for _name, (_command, _) in RUNS.items():
     if _name != ONE_PROCESS:
-        scripts.add(_name, absolute(_command), ENV)
+        scripts.add(_name, absolute(_command), scripts.ENV)
 
 
 @pytest.mark.parametrize(
