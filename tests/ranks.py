@@ -69,6 +69,21 @@ def skip_guard_latency_profile() -> None:
 
 skip_guard_latency_profile()
 
+
+def skip_funcname_lookup() -> None:
+    """Dynamo names the function of every source line it records a call from, for a debug log line
+    built whether or not that log is on: the first time in a process it reads a file, it tokenizes the
+    whole file (diffusers' attention_processor.py, torch.nn.functional: about 1.5 s of CPU for the six
+    diffusers models in a fresh process). Nothing here logs it: the pytest process and the ranks skip
+    the lookup, and the line goes without the function's name."""
+    import torch._dynamo.symbolic_convert as symbolic_convert
+
+    if hasattr(symbolic_convert, "get_funcname"):
+        symbolic_convert.get_funcname = lambda filename, lineno: None
+
+
+skip_funcname_lookup()
+
 _CASES: dict[int, dict[str, tuple]] = {}
 _SPAWNS: dict[int, "Spawn"] = {}
 _PRELOADED: list[bool] = []  # the fork server's modules are set once, before it starts
