@@ -11,6 +11,7 @@ from para_fx.testing.dits import Fp8Linear
 from para_fx.core.backend import recording
 from para_fx.inspect.explain import simulated_mesh
 from para_fx.passes.fuse_projections import fuse_projections
+from traced import each_backend
 
 
 class Projections(torch.nn.Module):
@@ -64,18 +65,22 @@ def test_same_outputs_and_weights_follow_in_place_updates():
 
 
 def test_flux_fuses_each_blocks_projections_and_matches_eager():
+    """On a simulated mesh (which projections fuse) and on one device (the outputs), one Dynamo
+    trace for both (tests/traced.py)."""
     model, kwargs = zoo.flux(height=4, width=6, text_len=4)
-    expected = model(**kwargs)[0]
-    torch._dynamo.reset()
-    with simulated_mesh(2, ulysses=2) as mesh, torch.no_grad(), recording() as report:
-        torch.compile(model, backend=para_fx.backend(mesh=mesh, compiler="eager", fuse_projections=True))(**kwargs)
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    with simulated_mesh(2, ulysses=2) as mesh:
+        backends = [
+            para_fx.backend(mesh=mesh, compiler="eager", fuse_projections=True),
+            para_fx.backend(compiler="aot_eager", fuse_projections=True),
+        ]
+        (report, _), (_, (output,)) = each_backend(model, kwargs, backends)
     # two double-stream blocks: image and text q/k/v; two single-stream blocks: q/k/v, without the
     # MLP input projection, which feeds no attention of its block
     assert report.fused_projections == [3, 3, 3, 3, 3, 3]
     assert ["projections fused", "18 matmuls into 6"] in report.summary()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=para_fx.backend(compiler="aot_eager", fuse_projections=True))
-    torch.testing.assert_close(compiled(**kwargs)[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_off_by_default():

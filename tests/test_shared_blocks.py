@@ -6,6 +6,7 @@ import torch._inductor.graph as inductor_graph
 
 import para_fx
 import ranks
+from traced import each_backend
 from para_fx.core.backend import recording
 from para_fx.testing import zoo
 from para_fx.testing.dits import first_tensor, patch_dit
@@ -22,10 +23,11 @@ def _compiled_output(model, inputs, shared, mesh=None, compiler="aot_eager"):
 
 
 def assert_same_outputs_with_and_without_shared_blocks(model, inputs):
-    """Every block shared, and the outputs of the unshared graph; the shared compile's report."""
-    whole, report = _compiled_output(model, inputs, shared=False)
-    assert not report.shared_blocks
-    shared, report = _compiled_output(model, inputs, shared=True)
+    """Every block shared, and the outputs of the unshared graph; the shared compile's report.
+    Both compile the graph Dynamo traced once (tests/traced.py)."""
+    backends = [para_fx.backend(shared_blocks=shared, compiler="aot_eager") for shared in (False, True)]
+    (unshared, whole), (report, shared) = each_backend(model, inputs, backends)
+    assert not unshared.shared_blocks
     assert set(report.shared_blocks) == set(report.blocks) and report.blocks, report.notes
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
     return report

@@ -7,6 +7,7 @@ import torch
 
 import para_fx
 import ranks
+from traced import each_backend
 from para_fx.core.backend import recording
 from para_fx.inspect.explain import simulated_mesh
 from para_fx.passes import split_vector_matmuls as pass_module
@@ -16,26 +17,29 @@ FLUX = dict(height=4, width=6, text_len=4, num_layers=1, num_single_layers=1)
 GATHER = ".all_gather_into_tensor.default("
 
 
-def _compile(model, kwargs, mesh, **options):
-    torch._dynamo.reset()
-    with recording() as report, torch.no_grad():
-        torch.compile(model, backend=para_fx.backend(mesh=mesh, **options))(**kwargs)
-    return report
-
-
 def _split_count(report) -> int:
     notes = [n for n in report.notes if n.startswith("split vector matmuls:")]
     return int(re.match(r"split vector matmuls: (\d+) ", notes[0]).group(1)) if notes else 0
 
 
 def test_flux_modulations_split_into_one_all_gather_only_where_worth_it(monkeypatch):
+    """The four backends compile the graph Dynamo traced once (tests/traced.py)."""
     model, kwargs = zoo.flux(**FLUX)
     with simulated_mesh(2, ulysses=2) as mesh:
-        default = _compile(model, kwargs, mesh, compiler="eager")
-        small = _compile(model, kwargs, mesh, compiler="eager", split_vector_matmuls=True)  # tiny weights: not worth it
-        cached = _compile(model, kwargs, mesh, compiler="eager", split_vector_matmuls=True, cache=para_fx.FirstBlockCache(0.1))
-        monkeypatch.setattr(pass_module, "MIN_BYTES", 0)  # split them anyway
-        report = _compile(model, kwargs, mesh, compiler="eager", split_vector_matmuls=True)
+        split = para_fx.backend(mesh=mesh, compiler="eager", split_vector_matmuls=True)
+
+        def split_anyway(gm, example_inputs):
+            with monkeypatch.context() as patched:
+                patched.setattr(pass_module, "MIN_BYTES", 0)  # split them anyway
+                return split(gm, example_inputs)
+
+        backends = [
+            para_fx.backend(mesh=mesh, compiler="eager"),
+            split,  # tiny weights: not worth it
+            para_fx.backend(mesh=mesh, compiler="eager", split_vector_matmuls=True, cache=para_fx.FirstBlockCache(0.1)),
+            split_anyway,
+        ]
+        (default, _), (small, _), (cached, _), (report, _) = each_backend(model, kwargs, backends)
     for unsplit in (default, small):
         assert "split_vector_matmuls" not in unsplit.graphs and _split_count(unsplit) == 0
     assert any("not applied with the first block cache" in n for n in cached.notes)
