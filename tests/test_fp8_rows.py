@@ -91,7 +91,8 @@ def test_torchaos_quantisation_becomes_one_op_and_gives_its_bits(cls, monkeypatc
 def test_with_the_cache_each_blocks_op_runs_in_its_branch_with_equal_outputs(monkeypatch):
     """A DiT whose feed-forwards are WIDE wide, fp8, under the First Block Cache: each block's
     quantisation becomes the op (the second block's inside the cond), and two steps, the second
-    skipped, give the outputs of the same compile without the pass."""
+    skipped, give the outputs of the same compile without the pass; sharded over 2 ranks, the
+    local rows are rewritten the same."""
     from para_fx.testing import dits
 
     class WideMLP(dits.MLP):
@@ -117,6 +118,9 @@ def test_with_the_cache_each_blocks_op_runs_in_its_branch_with_equal_outputs(mon
     assert skipped == {True: 1, False: 1}
     for got, expected in zip(outs[True], outs[False]):
         assert torch.equal(got, expected)
+    sharded = para_fx.explain(model, kwargs=steps[0], world_size=2)  # after the sequence's shard pass too
+    torch._dynamo.reset()
+    assert rows_note(sharded).startswith("wide fp8 rows: 2 fp8 matmul input(s)"), sharded.notes
 
 
 @pytest.mark.parametrize("case", ["narrow", "exact gelu", "cuda only"])
