@@ -24,7 +24,7 @@ from harness import kernel_ms_by_name
 
 from para_fx.runtime.fp8_rows import FP8_MAX
 from para_fx.runtime.fp8_rows import reference as eager  # torchao's arithmetic
-from para_fx.runtime.fp8_rows_kernel import quantize_rows_kernel, row_values
+from para_fx.runtime.fp8_rows_kernel import quantize_rows_kernel, row_scale, row_values, to_fp8
 
 
 @triton.jit
@@ -36,28 +36,26 @@ def looped_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gelu, FP8_
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         amax = tl.maximum(amax, tl.abs(row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)))
-    scale = (tl.max(amax, 0) / 448.0).to(tl.bfloat16).to(tl.float32)
+    scale = row_scale(tl.max(amax, 0), FP8_MAX)
     tl.store(scale_ptr + row, scale)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         values = row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
-        quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
+        tl.store(out_ptr + row * n + cols, to_fp8(values, scale, FP8_MAX), mask=cols < n)
 
 
 @triton.jit
-def row_loop_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, rows, n_plain, n_gelu, BLOCK: tl.constexpr,
-                    STAGES: tl.constexpr):
+def row_loop_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, rows, n_plain, n_gelu, FP8_MAX: tl.constexpr,
+                    BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """A fixed grid whose programs take rows in turn, each read once into registers: the next row's
     loads can be issued (``STAGES`` deep) while this one is reduced and stored."""
     n = n_plain + n_gelu
     cols = tl.arange(0, BLOCK)
     for row in tl.range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0), num_stages=STAGES):
         values = row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
-        scale = (tl.max(tl.abs(values), 0) / 448.0).to(tl.bfloat16).to(tl.float32)
+        scale = row_scale(tl.max(tl.abs(values), 0), FP8_MAX)
         tl.store(scale_ptr + row, scale)
-        quantised = tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
+        tl.store(out_ptr + row * n + cols, to_fp8(values, scale, FP8_MAX), mask=cols < n)
 
 
 def hand_written(kernel, plain, hidden, block: int, num_warps: int, programs: int = 0, stages: int = 1):
@@ -67,7 +65,7 @@ def hand_written(kernel, plain, hidden, block: int, num_warps: int, programs: in
     scale = torch.empty(rows, 1, device=hidden.device, dtype=torch.float32)
     first = hidden if plain is None else plain
     if programs:
-        kernel[(programs,)](first, hidden, out, scale, rows, n_plain, n_gelu, BLOCK=block, STAGES=stages,
+        kernel[(programs,)](first, hidden, out, scale, rows, n_plain, n_gelu, FP8_MAX=FP8_MAX, BLOCK=block, STAGES=stages,
                             num_warps=num_warps)
     else:
         kernel[(rows,)](first, hidden, out, scale, n_plain, n_gelu, FP8_MAX=FP8_MAX, BLOCK=block, num_warps=num_warps)

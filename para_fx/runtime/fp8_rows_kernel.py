@@ -28,6 +28,17 @@ def row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu):
     return tl.where(is_plain, plain, _gelu_tanh(hidden).to(tl.bfloat16).to(tl.float32))
 
 
+@triton.jit
+def row_scale(amax, FP8_MAX: tl.constexpr):
+    """A row's scale from its amax: divided in bf16 as torchao divides, then float32."""
+    return (amax / FP8_MAX).to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def to_fp8(values, scale, FP8_MAX: tl.constexpr):
+    return tl.clamp(values / scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+
+
 NUM_WARPS = 16  # of 4, 8, 16 and 32 on an H200, the fastest for rows of 12288 and 15360 (bench/row_quant_probe.py)
 
 
@@ -39,10 +50,9 @@ def quantize_rows_kernel(plain_ptr, gelu_ptr, out_ptr, scale_ptr, n_plain, n_gel
     n = n_plain + n_gelu
     cols = tl.arange(0, BLOCK)
     values = row_values(plain_ptr, gelu_ptr, row, cols, n_plain, n_gelu)
-    scale = (tl.max(tl.abs(values), 0) / FP8_MAX).to(tl.bfloat16).to(tl.float32)  # bf16, as torchao divides
+    scale = row_scale(tl.max(tl.abs(values), 0), FP8_MAX)
     tl.store(scale_ptr + row, scale)
-    quantised = tl.clamp(values / scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
-    tl.store(out_ptr + row * n + cols, quantised, mask=cols < n)
+    tl.store(out_ptr + row * n + cols, to_fp8(values, scale, FP8_MAX), mask=cols < n)
 
 
 def launch(plain: torch.Tensor | None, gelu_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
