@@ -1,8 +1,8 @@
 """One Dynamo trace for several para backends: a test that compiles one model with several backend
-options (or meshes) hands each of them the graph Dynamo traced once, as ``explain_meshes`` does for
-meshes (tests/test_inspect.py checks that its reports are those of separate compiles). Dynamo's
-bytecode tracing and guards are about half of a para compile of the tiny models (FLUX's: 1.5 of
-3 s of CPU, eager), and its graph does not depend on the backend's options.
+options (or meshes) hands each of them the graph Dynamo traced once (``trace_once``, which
+``explain_meshes`` uses for meshes: tests/test_inspect.py checks that its reports are those of
+separate compiles). Dynamo's bytecode tracing and guards are about half of a para compile of the
+tiny models (FLUX's: 1.5 of 3 s of CPU, eager), and its graph does not depend on the backend's options.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from para_fx.core.backend import recording
+from para_fx.inspect.explain import recorded_compile, trace_once
 
 Backend = Callable[[torch.fx.GraphModule, list], Callable[..., Any]]
 
@@ -22,19 +22,13 @@ def each_backend(model: torch.nn.Module, kwargs: dict[str, Any], backends: list[
     example inputs (the model's tensors and parameters). ``model`` must compile to one graph."""
     results = []
 
-    def every_backend(gm: torch.fx.GraphModule, example_inputs: list):
+    def every_backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
         assert not results, "each_backend: the model compiled to more than one graph"
-        for backend in backends:
-            with recording() as report:
-                compiled = backend(gm, example_inputs)
-                outputs = list(compiled(*example_inputs))  # a graph specialised at call time compiles here
-            results.append((report, outputs))
-        return gm.forward
+        results.extend(recorded_compile(backend, gm, example_inputs) for backend in backends)
 
     torch._dynamo.reset()
     try:
-        with torch.no_grad():
-            torch.compile(model, backend=every_backend)(**kwargs)
+        trace_once(model, (), kwargs, every_backend)
     finally:
         torch._dynamo.reset()
     return results

@@ -10,7 +10,7 @@ meaningless, the report is what counts.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,23 +77,39 @@ def explain_meshes(
     kwargs = kwargs or {}
     reports = [Report() for _ in meshes]
 
-    def every_mesh(gm: torch.fx.GraphModule, example_inputs: list[Any]):
+    def every_mesh(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
         for degrees, total in zip(meshes, reports):
             degrees = dict(degrees)
             with simulated_mesh(degrees.pop("world_size"), device_type=_device_type(model), **degrees) as mesh:
-                with recording() as report:
-                    compiled = backend(mesh=mesh, cache=cache, compiler="eager")(gm, example_inputs)
-                    with torch.no_grad():
-                        compiled(*example_inputs)  # a graph specialised at call time compiles here
+                report, _ = recorded_compile(backend(mesh=mesh, cache=cache, compiler="eager"), gm, example_inputs)
                 total.extend(report)
                 _describe(total, model, args, kwargs, mesh, simulated=True)
-        return gm.forward
 
-    with torch.no_grad():
-        torch.compile(model, backend=every_mesh)(*args, **kwargs)
+    trace_once(model, args, kwargs, every_mesh)
     for report in reports:
         _check_compiled(report, "explain_meshes")
     return reports
+
+
+def trace_once(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+               compile_graph: Callable[[torch.fx.GraphModule, list[Any]], None]) -> None:
+    """Dynamo traces ``model(*args, **kwargs)`` once and hands each graph to ``compile_graph``, which
+    may compile it as often as it likes (per mesh, per backend option); the graph then runs as traced."""
+
+    def handing_over(gm: torch.fx.GraphModule, example_inputs: list[Any]):
+        compile_graph(gm, example_inputs)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=handing_over)(*args, **kwargs)
+
+
+def recorded_compile(compiler: Callable, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> tuple[Report, list]:
+    """What a para backend recorded while compiling ``gm`` and running it once on ``example_inputs``
+    (a graph specialised at call time compiles at that call), and that run's outputs."""
+    with recording() as report, torch.no_grad():
+        outputs = list(compiler(gm, example_inputs)(*example_inputs))
+    return report, outputs
 
 
 def _explain(model, args, kwargs, mesh, cache, simulated: bool = False) -> Report:
